@@ -19,6 +19,8 @@ def save_model_files(out_dir: Path | str, model: nn.Module, tokenizer) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
+    if not getattr(config, "architectures", None):  # a model built from a config names no class yet
+        config.architectures = [type(model).__name__]
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     config.save_pretrained(out_dir)
@@ -41,7 +43,7 @@ def write_prepared_model(out_dir: Path | str, model: nn.Module, tokenizer, quant
     blocks_name, blocks = find_decoder_blocks(model)
     if len(quantized) != len(blocks):
         raise ValueError(f"{len(quantized)} blocks of quantized weights for a model of {len(blocks)} blocks")
-    save_model_files(out_dir, model, tokenizer)
+    save_model_files(out_dir, model, tokenizer)  # first: it completes config.architectures
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     skip = set()
