@@ -80,6 +80,15 @@ def _check_header(path: Path, data: Any, fmt: tuple[str, int]) -> None:
         raise ArtifactError(path, "version", fmt[1], data.get("version"), "written by another decdec version")
 
 
+def _check_belongs(path: Path, data: Any, fmt: tuple[str, int], quant_config: dict, rebuild_hint: str) -> None:
+    """Format, version, model identity and quant_id of an artifact against the quantized model's."""
+    _check_header(path, data, fmt)
+    check_identity(path, data.get("model", {}), quant_config["model"])
+    if data.get("quant_id") != quant_config["quant_id"]:
+        raise ArtifactError(path, "quant_id", quant_config["quant_id"], data.get("quant_id"),
+                            f"made for other quantized weights: {rebuild_hint}")
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -158,11 +167,7 @@ def load_cheatsheet(path: Path | str, quant_config: dict) -> list[dict[str, Resi
     """Residual packs per block, validated against the quantized model's config."""
     path = Path(path)
     data = _torch_load(path)
-    _check_header(path, data, CHEATSHEET_FORMAT)
-    check_identity(path, data.get("model", {}), quant_config["model"])
-    if data.get("quant_id") != quant_config["quant_id"]:
-        raise ArtifactError(path, "quant_id", quant_config["quant_id"], data.get("quant_id"),
-                            "made for other quantized weights: rebuild it with decdec_setup/cheatsheet.py")
+    _check_belongs(path, data, CHEATSHEET_FORMAT, quant_config, "rebuild it with decdec_setup/cheatsheet.py")
     layers = quant_config["layers"]
     blocks = data["blocks"]
     if len(blocks) != len(layers):
@@ -204,11 +209,7 @@ def load_thresholds(path: Path | str, quant_config: dict, input_sizes: dict[str,
     """(per-block {kind: {"envelope", "mean_sq"}}, calibration info). ``input_sizes``: kind -> d_in."""
     path = Path(path)
     data = _torch_load(path)
-    _check_header(path, data, THRESHOLDS_FORMAT)
-    check_identity(path, data.get("model", {}), quant_config["model"])
-    if data.get("quant_id") != quant_config["quant_id"]:
-        raise ArtifactError(path, "quant_id", quant_config["quant_id"], data.get("quant_id"),
-                            "measured on other quantized weights: rerun decdec_setup/thresholds.py")
+    _check_belongs(path, data, THRESHOLDS_FORMAT, quant_config, "rerun decdec_setup/thresholds.py")
     blocks = data["blocks"]
     if len(blocks) != len(quant_config["layers"]):
         raise ArtifactError(path, "blocks", len(quant_config["layers"]), len(blocks))
@@ -238,11 +239,7 @@ def load_tuning_config(model_dir: Path | str, quant_config: dict, kinds: list[st
     if not path.is_file():
         return None
     data = read_json(path)
-    _check_header(path, data, TUNING_FORMAT)
-    check_identity(path, data.get("model", {}), quant_config["model"])
-    if data.get("quant_id") != quant_config["quant_id"]:
-        raise ArtifactError(path, "quant_id", quant_config["quant_id"], data.get("quant_id"),
-                            "tuned for other quantized weights: rerun autotuner/tune.py")
+    _check_belongs(path, data, TUNING_FORMAT, quant_config, "rerun autotuner/tune.py")
     for kind in kinds:
         if kind not in data["kinds"]:
             raise ArtifactError(path, f"kinds.{kind}", "n_tb and k_chunk", "missing")
