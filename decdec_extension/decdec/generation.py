@@ -1,0 +1,218 @@
+"""Token generation with a static KV cache, shared by chat, the generation benchmark and the main job.
+
+Prefill runs the model eagerly on the whole prompt (multi-token inputs take the prefill path of
+every linear). Each further token is one *decode step* on a one-token input; on CUDA that step is
+captured once as a CUDA graph and replayed, so a token costs one graph launch instead of
+hundreds of kernel launches from Python. The static cache keeps all its state on the device
+(key/value tensors and the write position, which the captured step itself advances), so the same
+graph serves every position.
+
+The graph is captured for the DecDEC settings in force (mode, k_chunk, n_tb of every selection
+group); changing them re-captures it on the next step. A model whose decode step cannot be
+captured (say, the reference DecDEC path on CUDA, which reads host memory synchronously) falls
+back to eager steps with a warning. On CPU every step is eager.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .prepared import selection_groups
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # the new tokens (ending with EOS when generation stopped there)
+    prompt_tokens: int
+    prefill_s: float  # prompt -> first new token
+    decode_s: float  # the decode steps
+    decode_steps: int  # steps run (a few more than len(tokens) - 1 when EOS was seen late)
+    cuda_graph: bool  # whether the decode steps ran as a CUDA graph
+
+    @property
+    def ms_per_token(self) -> float:
+        """Decode time per token (prefill excluded)."""
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate (prefill excluded)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        return {"new_tokens": len(self.tokens), "prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s,
+                "decode_s": self.decode_s, "ms_per_token": self.ms_per_token, "tokens_per_s": self.tokens_per_s,
+                "cuda_graph": self.cuda_graph}
+
+
+def decdec_settings(model: nn.Module) -> tuple:
+    """What a captured decode step depends on besides its inputs: every group's selection settings."""
+    return tuple((g.kind, g.mode, g.k_chunk, g.n_tb) for g in selection_groups(model))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DecodeSession:
+    """A model, a static KV cache of ``max_len`` positions and (on CUDA) its captured decode step.
+
+    Batch 1. One session serves any number of :meth:`generate` calls whose prompt plus new tokens
+    fit in ``max_len``; keep it alive to reuse the graph.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None):
+        from transformers import StaticCache
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_len = max_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graph_error: str | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._graph_logits: Tensor | None = None
+        self._input = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------ model calls
+
+    def _forward(self, input_ids: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _positions(self) -> list[Tensor]:
+        return [layer.cumulative_length for layer in self.cache.layers if isinstance(layer.cumulative_length, Tensor)]
+
+    def _graph_ok(self) -> bool:
+        from transformers.cache_utils import StaticLayer
+        # sliding-window layers track their position in a Python int, which a graph would freeze
+        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+            self.graph_error = "cache layers other than StaticLayer (sliding window?) keep Python-side state"
+            return False
+        return True
+
+    def _capture(self) -> None:
+        """Captures one decode step reading ``self._input``. The warm-up steps write the cache at the
+        next positions; the write position is restored after them, and the real steps overwrite
+        those slots before any attention reads them."""
+        saved = [p.clone() for p in self._positions()]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lazy allocations and autotuning happen outside the capture
+                self._forward(self._input)
+                for p, v in zip(self._positions(), saved):
+                    p.copy_(v)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._forward(self._input)
+        finally:
+            for p, v in zip(self._positions(), saved):
+                p.copy_(v)
+        self._graph, self._graph_logits = graph, logits
+        self._graph_key = decdec_settings(self.model)
+
+    def _ensure_graph(self) -> bool:
+        if not self.use_graph:
+            return False
+        key = decdec_settings(self.model)
+        if self._graph is not None and self._graph_key == key:
+            return True
+        self._graph = self._graph_logits = None  # free the old graph's pool before capturing again
+        if not self._graph_ok():
+            self.use_graph = False
+        else:
+            try:
+                self._capture()
+                return True
+            except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+                self.graph_error = f"{type(e).__name__}: {e}".splitlines()[0]
+                self.use_graph = False
+                torch.cuda.synchronize(self.device)
+        warnings.warn(f"decode step not captured as a CUDA graph, running eagerly: {self.graph_error}")
+        return False
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Resets the cache and runs the prompt [1, T]; returns the next-token logits [1, V]."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"expected prompt ids of shape [1, T], got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] >= self.max_len:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit a cache of {self.max_len}")
+        self.cache.reset()
+        return self._forward(input_ids.to(self.device))
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        """Feeds one token [1, 1] (on the device) and returns the next-token logits [1, V]. The
+        returned tensor of a graph replay is overwritten by the next step."""
+        self._input.copy_(token)
+        if self._ensure_graph():
+            self._graph.replay()
+            return self._graph_logits
+        return self._forward(self._input)
+
+    # ------------------------------------------------------------ the loop
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                 eos_token_id: int | list[int] | None = None, on_tokens: Callable[[list[int]], None] | None = None,
+                 check_every: int = 16, generator: torch.Generator | None = None) -> GenerationResult:
+        """Greedy (``temperature`` 0) or sampled generation of up to ``max_new_tokens`` after the
+        prompt [1, T]. ``on_tokens`` receives the new tokens as they are read back: every token when
+        it is given (streaming), otherwise tokens are read back every ``check_every`` steps (to
+        stop at EOS) or only at the end when there is no EOS: no host round trip per token."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        prompt_len = input_ids.shape[-1]
+        if prompt_len + max_new_tokens > self.max_len:
+            raise ValueError(f"{prompt_len} prompt + {max_new_tokens} new tokens exceed the cache of {self.max_len}")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        every = 1 if on_tokens is not None else (check_every if eos else max_new_tokens)
+        out = torch.empty(1, max_new_tokens, dtype=torch.long, device=self.device)
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out[:, 0:1] = _pick(self.prefill(input_ids), temperature, top_k, generator)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        tokens: list[int] = []
+        done, steps = False, 0
+        for i in range(1, max_new_tokens + 1):
+            if i == max_new_tokens or i % every == 0 or i == 1:
+                new = out[0, len(tokens):i].tolist()
+                for j, tok in enumerate(new):
+                    if tok in eos:
+                        new, done = new[:j + 1], True
+                        break
+                tokens += new
+                if on_tokens is not None and new:
+                    on_tokens(new)
+                if done or i == max_new_tokens:
+                    break
+            out[:, i:i + 1] = _pick(self.step(out[:, i - 1:i]), temperature, top_k, generator)
+            steps += 1
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return GenerationResult(tokens, prompt_len, t1 - t0, t2 - t1, steps, self._graph is not None and self.use_graph)
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
+    """[1, V] logits -> [1, 1] next token."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.float() / temperature
+    if top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)

@@ -1,0 +1,290 @@
+"""Tuning n_tb and k_chunk per linear kind: the cost table, the analytic cost model and the
+paper's two-phase search.
+
+A model's DecDEC work is described per *workload*: one kind of linear group (q/k/v, o, gate/up,
+down) at one base bit width, with the shapes of its linears and how many decoder blocks hold it.
+A :class:`CostTable` gives, for every workload, the time of one block's group without DecDEC
+(the baseline) and with DecDEC over a grid of (n_tb, k_chunk). Tables come from GPU measurements
+(``autotuner/tune.py``) or from :func:`analytic_table` (``--dry-run``); :func:`search` only sees
+the table.
+
+The search (DecDEC, OSDI 2025, the tuner): the model time is the sum over workloads of count x
+time, and a configuration is allowed when that sum stays within (1 + target) x the baseline sum.
+
+- Phase 1: for each cap on n_tb (one cap for all kinds; each kind then uses the n_tb under the cap
+  that makes it fastest, the smaller one on a tie), advance every kind together through the
+  k_chunk grid and keep the furthest step that fits; the cap reaching the furthest step wins.
+  If not even the first step fits, the kind with the smallest matrices is pinned to k_chunk 0 and
+  phase 1 runs again on the others.
+- Phase 2: with that cap, raise k_chunk one grid step at a time for one kind at a time, always
+  the step that adds the least time, while the budget holds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .formats import packed_row_bytes
+from .patching import kind_name
+from .selection import CHUNK_SIZE, num_selected
+
+# k_chunk steps: fine where the fetch starts to show (the knee is 10-20 on current GPUs), coarse above
+K_GRID = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+# a measured time above this multiple of the baseline ends the sweep of that (kind, n_tb): no sane
+# budget reaches it, and every further k_chunk is slower still
+STOP_ABOVE = 1.5
+# two per-kind times closer than this (relative) count as equal: the smaller n_tb is kept
+TIE_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One linear group kind at one bit width: its linears' (in, out) shapes, the weight bytes the
+    base GEMVs read per block, and the number of blocks that hold it."""
+
+    kind: str
+    bits: int
+    shapes: tuple[tuple[int, int], ...]
+    weight_bytes: int
+    count: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}@{self.bits}bit"
+
+    def fetch_bytes(self, k_chunk: int, chunk_size: int = CHUNK_SIZE) -> int:
+        """Residual bytes one token fetches for this group: k selected rows of out/2 bytes per linear."""
+        return sum(num_selected(i, k_chunk, chunk_size) * packed_row_bytes(o, 4) for i, o in self.shapes)
+
+
+def weight_bytes(meta: dict) -> int:
+    """Bytes a base GEMV reads for one quantized linear (codes plus scales/zeros or LUT)."""
+    out_f, in_f, bits = meta["out_features"], meta["in_features"], meta["bits"]
+    codes = out_f * packed_row_bytes(in_f, bits)
+    if meta["format"] == "uniform":
+        return codes + out_f * math.ceil(in_f / meta["group_size"]) * 3  # fp16 scale + uint8 zero
+    if meta["format"] == "lut":
+        return codes + out_f * (1 << bits) * 2
+    raise ValueError(f"unknown weight format {meta['format']!r}")
+
+
+def workloads_from_quant_config(quant_config: dict) -> list[Workload]:
+    """The workloads of a prepared model (quant_config.json): one per (kind, block bit width)."""
+    found: dict[tuple[str, int], Workload] = {}
+    for layer in quant_config["layers"]:
+        for group in quant_config["groups"]:
+            metas = [layer[name] for name in group]
+            bits = metas[0]["bits"]
+            key = (kind_name(group), bits)
+            prev = found.get(key)
+            if prev is None:
+                shapes = tuple((m["in_features"], m["out_features"]) for m in metas)
+                found[key] = Workload(key[0], bits, shapes, sum(weight_bytes(m) for m in metas), 1)
+            else:
+                found[key] = Workload(prev.kind, bits, prev.shapes, prev.weight_bytes, prev.count + 1)
+    return list(found.values())
+
+
+# ---------------------------------------------------------------- cost table
+
+@dataclass
+class CostTable:
+    """Per workload key: ``baseline[key]`` seconds per block without DecDEC and
+    ``times[key][n_tb][i]`` seconds per block at ``k_grid[i]`` (inf where not measured)."""
+
+    workloads: list[Workload]
+    n_tb_grid: list[int]
+    k_grid: list[int]
+    baseline: dict[str, float]
+    times: dict[str, dict[int, list[float]]]
+    source: str  # "measured" or "analytic"
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(w.kind for w in self.workloads))
+
+    def kind_baseline(self, kind: str) -> float:
+        return sum(w.count * self.baseline[w.key] for w in self.workloads if w.kind == kind)
+
+    def kind_time(self, kind: str, n_tb: int, k_index: int) -> float:
+        """Model seconds of ``kind`` at one (n_tb, k_chunk) summed over its blocks."""
+        if k_index == 0:
+            return self.kind_baseline(kind)
+        return sum(w.count * self.times[w.key][n_tb][k_index] for w in self.workloads if w.kind == kind)
+
+    def kind_weight_bytes(self, kind: str) -> int:
+        """Bytes of one block's group of this kind (the largest bit width): what "smallest matrix" means."""
+        return max(w.weight_bytes for w in self.workloads if w.kind == kind)
+
+    def to_json(self) -> dict:
+        def finite(v: float) -> float | None:
+            return v * 1e6 if math.isfinite(v) else None
+        return {
+            "source": self.source, "unit": "us per block", "n_tb_grid": self.n_tb_grid, "k_grid": self.k_grid,
+            "workloads": [{"kind": w.kind, "bits": w.bits, "shapes": [list(s) for s in w.shapes],
+                           "weight_bytes": w.weight_bytes, "count": w.count,
+                           "baseline": self.baseline[w.key] * 1e6,
+                           "times": {str(n): [finite(v) for v in row] for n, row in self.times[w.key].items()}}
+                          for w in self.workloads],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CostTable":
+        workloads, baseline, times = [], {}, {}
+        for entry in data["workloads"]:
+            w = Workload(entry["kind"], entry["bits"], tuple(tuple(s) for s in entry["shapes"]),
+                         entry["weight_bytes"], entry["count"])
+            workloads.append(w)
+            baseline[w.key] = entry["baseline"] * 1e-6
+            times[w.key] = {int(n): [math.inf if v is None else v * 1e-6 for v in row]
+                            for n, row in entry["times"].items()}
+        return cls(workloads, list(data["n_tb_grid"]), list(data["k_grid"]), baseline, times, data["source"])
+
+
+def n_tb_grid(n_tb_max: int) -> list[int]:
+    """Powers of two up to ``n_tb_max``, and ``n_tb_max`` itself."""
+    if n_tb_max < 1:
+        raise ValueError(f"n_tb_max must be at least 1, got {n_tb_max}")
+    grid = [1 << i for i in range(n_tb_max.bit_length()) if 1 << i <= n_tb_max]
+    return grid if grid[-1] == n_tb_max else grid + [n_tb_max]
+
+
+@dataclass(frozen=True)
+class AnalyticGPU:
+    """The dry-run cost model of one GPU.
+
+    GEMV time = weight bytes / memory bandwidth. Fetch time = residual bytes / fetch bandwidth,
+    where the zero-copy fetch is latency-bound: each DEC thread block keeps a fixed number of loads
+    in flight, so the fetch bandwidth grows with n_tb until ``saturating_tbs`` blocks fill the
+    link. The fetch runs beside the GEMV and shows only where it takes longer: time = max(GEMV,
+    fetch). With a saturated link the knee sits at 1024 / R_bw * b / 4 (DESIGN.md).
+    """
+
+    mem_bw: float  # bytes/s
+    pcie_bw: float  # bytes/s
+    sms: int
+    saturating_tbs: int = 16
+
+    def fetch_bw(self, n_tb: int) -> float:
+        return self.pcie_bw * min(1.0, n_tb / self.saturating_tbs)
+
+    def gemv_time(self, w: Workload) -> float:
+        return w.weight_bytes / self.mem_bw
+
+    def time(self, w: Workload, n_tb: int, k_chunk: int) -> float:
+        gemv = self.gemv_time(w)
+        if k_chunk == 0:
+            return gemv
+        return max(gemv, w.fetch_bytes(k_chunk) / self.fetch_bw(n_tb))
+
+
+def analytic_table(workloads: list[Workload], gpu: AnalyticGPU, n_tb_max: int | None = None,
+                   k_grid: tuple[int, ...] = K_GRID) -> CostTable:
+    grid = n_tb_grid(n_tb_max or gpu.sms)
+    baseline = {w.key: gpu.gemv_time(w) for w in workloads}
+    times = {w.key: {n: [gpu.time(w, n, k) for k in k_grid] for n in grid} for w in workloads}
+    return CostTable(list(workloads), grid, list(k_grid), baseline, times, "analytic")
+
+
+def knee(mem_bw: float, pcie_bw: float, bits: float) -> float:
+    """k_chunk where the fetch stops hiding behind the base GEMV: 1024 / R_bw * b / 4."""
+    return CHUNK_SIZE / (mem_bw / pcie_bw) * bits / 4
+
+
+# ---------------------------------------------------------------- search
+
+@dataclass
+class TuneResult:
+    kinds: dict[str, dict[str, int]]  # kind -> {"n_tb", "k_chunk"}
+    cap: int  # the n_tb cap of phase 1
+    pinned: list[str]  # kinds pinned to k_chunk 0
+    phase1_k_chunk: int  # the uniform k_chunk phase 1 reached
+    baseline: float  # model seconds per token (summed linears) without DecDEC
+    predicted: float  # ... with the result
+    steps: list[str] = field(default_factory=list)  # what the search did, for the log
+
+    @property
+    def predicted_slowdown(self) -> float:
+        return self.predicted / self.baseline - 1
+
+
+def _best_n_tb(table: CostTable, kind: str, cap: int, k_index: int) -> tuple[int, float]:
+    """(n_tb, model seconds) of the fastest n_tb <= cap at one k_chunk; ties go to fewer blocks."""
+    best_n, best_t = table.n_tb_grid[0], math.inf
+    for n in table.n_tb_grid:
+        if n > cap:
+            break
+        t = table.kind_time(kind, n, k_index)
+        if t < best_t * (1 - TIE_TOLERANCE):
+            best_n, best_t = n, t
+    return best_n, best_t
+
+
+def _total(table: CostTable, cap: int, state: dict[str, int]) -> float:
+    return sum(_best_n_tb(table, kind, cap, i)[1] for kind, i in state.items())
+
+
+def search(table: CostTable, target: float) -> TuneResult:
+    """The two-phase search for a slowdown ``target`` (a fraction: 0.025 for 2.5 %)."""
+    if target < 0:
+        raise ValueError(f"target slowdown must be >= 0, got {target}")
+    kinds = table.kinds
+    if not kinds:
+        raise ValueError("the cost table holds no workloads")
+    baseline = sum(table.kind_baseline(k) for k in kinds)
+    budget = (1 + target) * baseline
+    steps: list[str] = []
+    pinned: list[str] = []
+
+    # phase 1: one cap, uniform steps; pin the smallest kind while nothing fits
+    cap, step = table.n_tb_grid[0], 0
+    while True:
+        free = [k for k in kinds if k not in pinned]
+        best: tuple[int, float, int] | None = None  # (step, -total, -cap): larger is better
+        for c in table.n_tb_grid:
+            s = 0
+            while s + 1 < len(table.k_grid):
+                state = {k: (s + 1 if k in free else 0) for k in kinds}
+                if _total(table, c, state) > budget:
+                    break
+                s += 1
+            if s == 0:
+                continue
+            candidate = (s, -_total(table, c, {k: (s if k in free else 0) for k in kinds}), -c)
+            if best is None or candidate > best:
+                best = candidate
+        if best is not None:
+            step, cap = best[0], -best[2]
+            steps.append(f"phase 1: n_tb cap {cap}, k_chunk {table.k_grid[step]} for {', '.join(free)}")
+            break
+        smallest = min(free, key=table.kind_weight_bytes)
+        pinned.append(smallest)
+        steps.append(f"phase 1: no uniform k_chunk fits; pinning {smallest} to k_chunk 0")
+        if len(pinned) == len(kinds):
+            steps.append("phase 1: every kind pinned: DecDEC off")
+            break
+
+    # phase 2: raise one kind at a time, the cheapest step first
+    state = {k: (0 if k in pinned else step) for k in kinds}
+    total = _total(table, cap, state)
+    while True:
+        options = []
+        for k in kinds:
+            if k in pinned or state[k] + 1 >= len(table.k_grid):
+                continue
+            trial = {**state, k: state[k] + 1}
+            t = _total(table, cap, trial)
+            if t <= budget:
+                options.append((t - total, k, t))
+        if not options:
+            break
+        _, k, total = min(options)
+        state[k] += 1
+        steps.append(f"phase 2: {k} -> k_chunk {table.k_grid[state[k]]} "
+                     f"(predicted slowdown {100 * (total / baseline - 1):.2f} %)")
+
+    result = {}
+    for k in kinds:
+        n, _ = _best_n_tb(table, k, cap, state[k])
+        result[k] = {"n_tb": n, "k_chunk": table.k_grid[state[k]]}
+    return TuneResult(result, cap, pinned, table.k_grid[step], baseline, total, steps)
