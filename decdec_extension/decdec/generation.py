@@ -216,3 +216,18 @@ def _pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Gener
         kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)
+
+
+def parse_k_chunk(text: str, kinds: list[str] | None = None) -> int | dict[str, int]:
+    """A k_chunk setting as typed by a user: '8' (every kind) or 'o_proj=4,down_proj=16' (per kind,
+    checked against ``kinds`` when given). ValueError with a readable message otherwise."""
+    try:
+        if "=" not in text:
+            return int(text)
+        value = {kind.strip(): int(k) for kind, k in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"k_chunk {text!r}: expected an integer or kind=int,kind=int") from None
+    unknown = sorted(set(value) - set(kinds or value))
+    if unknown:
+        raise ValueError(f"k_chunk {text!r}: unknown kinds {unknown}; the model's kinds are {sorted(set(kinds))}")
+    return value

@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from .formats import packed_row_bytes
 from .patching import kind_name
 from .selection import CHUNK_SIZE, num_selected
@@ -157,13 +159,16 @@ class AnalyticGPU:
     where the zero-copy fetch is latency-bound: each DEC thread block keeps a fixed number of loads
     in flight, so the fetch bandwidth grows with n_tb until ``saturating_tbs`` blocks fill the
     link. The fetch runs beside the GEMV and shows only where it takes longer: time = max(GEMV,
-    fetch). With a saturated link the knee sits at 1024 / R_bw * b / 4 (DESIGN.md).
+    fetch) + ``dec_overhead`` per linear whenever DecDEC is on (a fixed cost of launching and
+    synchronising the DEC work; 0 by default). With a saturated link and no overhead the knee sits
+    at 1024 / R_bw * b / 4 (DESIGN.md).
     """
 
     mem_bw: float  # bytes/s
     pcie_bw: float  # bytes/s
     sms: int
     saturating_tbs: int = 16
+    dec_overhead: float = 0.0  # seconds per linear
 
     def fetch_bw(self, n_tb: int) -> float:
         return self.pcie_bw * min(1.0, n_tb / self.saturating_tbs)
@@ -175,7 +180,7 @@ class AnalyticGPU:
         gemv = self.gemv_time(w)
         if k_chunk == 0:
             return gemv
-        return max(gemv, w.fetch_bytes(k_chunk) / self.fetch_bw(n_tb))
+        return max(gemv, w.fetch_bytes(k_chunk) / self.fetch_bw(n_tb)) + self.dec_overhead * len(w.shapes)
 
 
 def analytic_table(workloads: list[Workload], gpu: AnalyticGPU, n_tb_max: int | None = None,
@@ -288,3 +293,76 @@ def search(table: CostTable, target: float) -> TuneResult:
         n, _ = _best_n_tb(table, k, cap, state[k])
         result[k] = {"n_tb": n, "k_chunk": table.k_grid[state[k]]}
     return TuneResult(result, cap, pinned, table.k_grid[step], baseline, total, steps)
+
+
+# ---------------------------------------------------------------- measurement
+
+def _workload_modules(model, workload: Workload) -> list[list]:
+    """Per block holding ``workload``: its DecDECLinear modules of that kind (the group's linears)."""
+    quant_config = model.decdec_quant_config
+    blocks = model.get_submodule(quant_config["blocks"])
+    group = next(g for g in quant_config["groups"] if kind_name(g) == workload.kind)
+    return [[blocks[i].get_submodule(name) for name in group]
+            for i, layer in enumerate(quant_config["layers"]) if layer[group[0]]["bits"] == workload.bits]
+
+
+def measure_table(model, n_tbs: list[int], k_grid: tuple[int, ...] = K_GRID, *, cuda_graph: bool = True,
+                  rotate_bytes: int | None = None, progress: bool = True) -> CostTable:
+    """Times every workload of a loaded prepared model (``load_prepared``) without DecDEC and over
+    the (n_tb, k_chunk) grid, through the public module API: the selection group's ``n_tb`` and
+    ``k_chunk`` are set and the group's DecDECLinears are called on a decode-shaped input.
+
+    One timed call runs the kind's linears of as many consecutive blocks as it takes to read
+    ``rotate_bytes`` of weights (default: four times the L2 cache), so no block is timed from L2;
+    the result is per block. A (kind, n_tb) sweep stops once a time exceeds ``STOP_ABOVE`` x the
+    baseline. Every group's settings are restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    from .timing import l2_cache_bytes, time_call
+
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    workloads = workloads_from_quant_config(model.decdec_quant_config)
+    rotate_bytes = 4 * l2_cache_bytes(device) if rotate_bytes is None else rotate_bytes
+    baseline, times = {}, {}
+    total = len(workloads) * (1 + len(n_tbs) * (len(k_grid) - 1))
+    bar = tqdm(total=total, desc="measuring", disable=not progress)
+    for w in workloads:
+        per_block = _workload_modules(model, w)
+        n_blocks = min(len(per_block), max(1, -(-rotate_bytes // w.weight_bytes)))
+        linears = [lin for block in per_block[:n_blocks] for lin in block]
+        groups = list({id(lin.selection): lin.selection for lin in linears}.values())
+        saved = [(g.mode, g.k_chunk, g.n_tb) for g in groups]
+        x = torch.randn(1, 1, w.shapes[0][0], dtype=dtype, device=device)
+
+        def run() -> None:
+            for lin in linears:
+                lin(x)
+
+        def timed(n_tb: int, k_chunk: int) -> float:
+            for g in groups:
+                g.configure(mode="decdec", k_chunk=k_chunk)
+                g.n_tb = n_tb
+            return time_call(run, device, cuda_graph=cuda_graph) / n_blocks
+
+        try:
+            bar.set_postfix_str(f"{w.key} x{n_blocks} blocks")
+            baseline[w.key] = timed(n_tbs[0], 0)
+            bar.update()
+            times[w.key] = {}
+            for n in n_tbs:
+                row = [baseline[w.key]] + [math.inf] * (len(k_grid) - 1)
+                for i, k in enumerate(k_grid[1:], start=1):
+                    row[i] = timed(n, k)
+                    bar.update()
+                    if row[i] > STOP_ABOVE * baseline[w.key]:
+                        bar.update(len(k_grid) - 1 - i)
+                        break
+                times[w.key][n] = row
+        finally:
+            for g, (mode, k_chunk, n_tb) in zip(groups, saved):
+                g.configure(mode=mode, k_chunk=k_chunk)
+                g.n_tb = n_tb
+    bar.close()
+    return CostTable(workloads, list(n_tbs), list(k_grid), baseline, times, "measured")

@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Generates text with a prepared (quantized) model and DecDEC, and benchmarks decoding speed.
+
+The decode step runs with a static KV cache inside a CUDA graph on the GPU (decdec.generation);
+on CPU everything runs eagerly through the reference path. DecDEC settings come from the model's
+decdec_config.json (autotuner/tune.py) unless --k-chunk or --no-decdec says otherwise.
+
+--bench times decoding in one run with DecDEC off and on (alternating runs, medians), and
+compares with the roofline: the bytes of the quantized weights plus the lm_head, divided by the
+memory bandwidth measured in the same run. --fp16-contrast adds a random fp16 model of the same
+shape, through this generation loop and through Hugging Face generate().
+
+--synthetic builds (once, then reuses) a prepared directory of random quantized weights and
+residuals of a named model shape, so speed can be measured without a real model.
+
+Examples:
+  python end-to-end/generate.py --model-dir out/stories260k-rtn3 --prompt "Once upon a time" --max-new-tokens 64
+  python end-to-end/generate.py --synthetic llama-3-8b --bits 3 --bench --fp16-contrast --json bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import decdec
+from decdec import tuning
+from decdec.generation import DecodeSession, GenerationResult, parse_k_chunk
+from decdec.synthetic import SHAPES, ensure_synthetic_model
+from decdec.timing import device_name, memory_bandwidth
+
+GB = 1e9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-dir", type=Path, help="prepared model directory")
+    src.add_argument("--synthetic", choices=sorted(SHAPES), help="random weights of this model shape")
+    s = p.add_argument_group("synthetic model")
+    s.add_argument("--bits", type=int, choices=(3, 4), default=3, help="base bits (default 3)")
+    s.add_argument("--format", choices=("uniform", "lut"), default="uniform", help="weight format (default uniform)")
+    s.add_argument("--layers", type=int, help="number of decoder blocks (default: the real model's)")
+    s.add_argument("--synthetic-dir", type=Path,
+                   help="where the synthetic model is written and reused (default ~/.cache/decdec/synthetic/...)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", default="Once upon a time", help="prompt text (default %(default)r)")
+    g.add_argument("--prompt-tokens", type=int, default=16,
+                   help="prompt length in random token ids when the model has no tokenizer (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--num-samples", type=int, default=1, help="generations (default 1; --bench: timed runs per setting, default 3)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="activation dtype (default: by device)")
+    g.add_argument("--k-chunk", help="k_chunk for every kind (e.g. 8) or per kind (e.g. o_proj=4,down_proj=16)")
+    g.add_argument("--no-decdec", action="store_true", help="plain quantized model (mode none)")
+    g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--bench", action="store_true", help="time decoding with DecDEC off and on, against the roofline")
+    b.add_argument("--fp16-contrast", action="store_true", help="also time a random fp16 model of the same shape")
+    b.add_argument("--memory-check", type=int, metavar="N",
+                   help="also generate N tokens in one run and report the memory growth over them")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.prompt_tokens < 1:
+        p.error("--max-new-tokens, --num-samples and --prompt-tokens must be positive")
+    if args.no_decdec and args.k_chunk is not None:
+        p.error("--no-decdec and --k-chunk exclude each other")
+    if args.memory_check is not None and args.memory_check < 2:
+        p.error("--memory-check needs at least 2 tokens")
+    return args
+
+
+def resolve_model_dir(args: argparse.Namespace) -> Path:
+    if args.model_dir is not None:
+        return args.model_dir
+    name = f"{args.synthetic}-{args.bits}bit-{args.format}" + (f"-{args.layers}l" if args.layers else "")
+    out = args.synthetic_dir or Path.home() / ".cache" / "decdec" / "synthetic" / name
+    draw = args.device if torch.device(args.device).type == "cuda" else "cpu"
+    return ensure_synthetic_model(out, args.synthetic, args.bits, args.format, num_layers=args.layers, device=draw)
+
+
+def load(args: argparse.Namespace, model_dir: Path):
+    """(model, tokenizer or None)."""
+    from transformers import AutoTokenizer
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = decdec.load_prepared(model_dir, args.device, dtype=dtype, mode="none" if args.no_decdec else None)
+    if args.k_chunk is not None:
+        try:
+            decdec.configure(model, k_chunk=parse_k_chunk(args.k_chunk, [g.kind for g in decdec.selection_groups(model)]))
+        except ValueError as e:
+            raise SystemExit(f"--k-chunk: {e}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        tokenizer = None  # synthetic models have none
+    return model, tokenizer
+
+
+def prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> torch.Tensor:
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(args.seed)
+        return torch.randint(0, vocab_size, (1, args.prompt_tokens), generator=gen)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise SystemExit("--prompt is empty after tokenization")
+    return ids
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def quantized_roofline_bytes(model) -> int:
+    """Bytes one decode step must read at least: the quantized weights plus the lm_head."""
+    qc = model.decdec_quant_config
+    weights = sum(tuning.weight_bytes(meta) for layer in qc["layers"] for meta in layer.values())
+    head = model.get_output_embeddings().weight
+    return weights + head.numel() * head.element_size()
+
+
+def dense_roofline_bytes(model) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def median_ms(results: list[GenerationResult]) -> float:
+    return statistics.median(r.ms_per_token for r in results)
+
+
+def row(name: str, ms: float, roofline_ms: float | None, reference_ms: float | None, graph: bool, note: str = "") -> dict:
+    return {"name": name, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+            "roofline_ms": roofline_ms, "roofline_percent": 100 * roofline_ms / ms if roofline_ms else None,
+            "slowdown_percent": 100 * (ms / reference_ms - 1) if reference_ms else None,
+            "cuda_graph": graph, "note": note}
+
+
+def bench_table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    lines = [("setting", "ms/token", "tokens/s", "roofline ms", "% roofline", "slowdown", "graph", "note")]
+    for r in rows:
+        lines.append((r["name"], fmt(r["ms_per_token"], ".3f"), fmt(r["tokens_per_s"], ".1f"), fmt(r["roofline_ms"], ".3f"),
+                      fmt(r["roofline_percent"], ".1f"), fmt(r["slowdown_percent"], "+.2f") + ("" if r["slowdown_percent"] is None else " %"),
+                      "yes" if r["cuda_graph"] else "no", r["note"]))
+    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
+    out = []
+    for j, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) if c in (0, 7) else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def show(tokenizer, tokens: list[int]) -> str:
+    if tokenizer is None:
+        return f"(no tokenizer) token ids: {tokens[:32]}{' ...' if len(tokens) > 32 else ''}"
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def run_generate(args, model, tokenizer, ids, session: DecodeSession) -> dict:
+    eos = eos_ids(model, tokenizer)
+    results = []
+    for i in range(args.num_samples):
+        gen = torch.Generator(session.device).manual_seed(args.seed + i)
+        r = session.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             eos_token_id=eos, generator=gen)
+        results.append(r)
+        head = f"--- sample {i + 1}/{args.num_samples}" if args.num_samples > 1 else "---"
+        print(f"{head}\n{show(tokenizer, ids[0].tolist()) if tokenizer else ''}{show(tokenizer, r.tokens)}")
+        print(f"[{len(r.tokens)} tokens, {r.tokens_per_s:.1f} tokens/s decode, prefill {1e3 * r.prefill_s:.1f} ms, "
+              f"CUDA graph {'yes' if r.cuda_graph else 'no'}]")
+    return {"samples": [{"text": show(tokenizer, r.tokens), "tokens": r.tokens, **r.to_json()} for r in results]}
+
+
+def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
+    device = torch.device(args.device)
+    repeats = max(args.num_samples, 3)
+    n = args.max_new_tokens
+    max_len = ids.shape[1] + n
+    bw = memory_bandwidth(device) if device.type == "cuda" else None
+    roof = 1e3 * quantized_roofline_bytes(model) / bw if bw else None
+    mode_on = decdec.selection_groups(model)[0].mode  # mode "none" keeps each group's k_chunk for later
+    sessions = {"off": DecodeSession(model, max_len, cuda_graph=graph), "on": DecodeSession(model, max_len, cuda_graph=graph)}
+    times: dict[str, list[GenerationResult]] = {"off": [], "on": []}
+    for i in range(repeats + 1):  # the first round warms up (and captures the graphs)
+        for name in ("off", "on"):
+            decdec.configure(model, mode="none" if name == "off" else mode_on)
+            r = sessions[name].generate(ids, n)
+            if i:
+                times[name].append(r)
+        print(f"bench round {i}/{repeats}: off {times['off'][-1].ms_per_token if i else float('nan'):.3f} ms/token, "
+              f"on {times['on'][-1].ms_per_token if i else float('nan'):.3f} ms/token", file=sys.stderr)
+    decdec.configure(model, mode=mode_on)
+    off_ms, on_ms = median_ms(times["off"]), median_ms(times["on"])
+    kinds = {g.kind: g.k_chunk for g in decdec.selection_groups(model)}
+    setting = ", ".join(f"{k.split('+')[0]} {v}" for k, v in kinds.items())
+    rows = [row("quantized, DecDEC off", off_ms, roof, None, times["off"][0].cuda_graph),
+            row("quantized, DecDEC on", on_ms, roof, off_ms, times["on"][0].cuda_graph, f"k_chunk: {setting}")]
+    out = {"memory_bandwidth_GBps": bw / GB if bw else None, "roofline_bytes": quantized_roofline_bytes(model),
+           "repeats": repeats, "runs_ms_per_token": {k: [r.ms_per_token for r in v] for k, v in times.items()},
+           "graph_errors": {k: s.graph_error for k, s in sessions.items() if s.graph_error}}
+    del sessions
+    if args.memory_check:
+        out["memory_check"] = memory_check(model, ids, args.memory_check, graph)
+    if args.fp16_contrast:
+        rows += fp16_contrast(model.config, ids, n, repeats, device, bw, graph, off_ms)
+    out["rows"] = rows
+    return out
+
+
+def memory_check(model, ids, n: int, graph: bool) -> dict:
+    """Memory after a short generation and after one of ``n`` tokens, on the same session."""
+    import psutil
+    device = next(model.parameters()).device
+    session = DecodeSession(model, ids.shape[1] + n, cuda_graph=graph)
+
+    def snapshot() -> dict:
+        snap = {"host_rss_MB": psutil.Process(os.getpid()).memory_info().rss / 2**20}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            snap["cuda_allocated_MB"] = torch.cuda.memory_allocated(device) / 2**20
+            snap["cuda_reserved_MB"] = torch.cuda.memory_reserved(device) / 2**20
+        return snap
+
+    short = session.generate(ids, min(100, n))
+    before = snapshot()
+    long = session.generate(ids, n)
+    after = snapshot()
+    growth = {k: after[k] - before[k] for k in before}
+    print(f"memory check: {n} tokens ({long.tokens_per_s:.1f} tokens/s); growth over them: "
+          + ", ".join(f"{k} {v:+.1f}" for k, v in growth.items()), file=sys.stderr)
+    return {"tokens": n, "short_tokens": len(short.tokens), "before": before, "after": after, "growth": growth,
+            "ms_per_token": long.ms_per_token}
+
+
+def fp16_contrast(config, ids, n: int, repeats: int, device: torch.device, bw: float | None, graph: bool,
+                  reference_ms: float) -> list[dict]:
+    """A random fp16 model of the same config: this loop (static cache, CUDA graph) and HF generate()."""
+    import time
+    from transformers import AutoModelForCausalLM
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        dense = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    roof = 1e3 * dense_roofline_bytes(dense) / bw if bw else None
+    session = DecodeSession(dense, ids.shape[1] + n, cuda_graph=graph)
+    ours = [session.generate(ids, n) for _ in range(repeats + 1)][1:]
+    del session
+    hf_ms = []
+    ids_dev = ids.to(device)
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dense.generate(ids_dev, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            hf_ms.append(1e3 * (time.perf_counter() - t0) / n)
+    del dense
+    name = "fp16" if dtype == torch.float16 else "fp32"
+    return [row(f"{name} dense, this loop", median_ms(ours), roof, reference_ms, ours[0].cuda_graph,
+                "random weights, same shape"),
+            row(f"{name} dense, HF generate()", statistics.median(hf_ms), roof, reference_ms, False,
+                "eager, dynamic cache, prefill included")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model_dir = resolve_model_dir(args)
+    model, tokenizer = load(args, model_dir)
+    device = torch.device(args.device)
+    ids = prompt_ids(args, tokenizer, model.config.vocab_size)
+    graph = device.type == "cuda" and not args.no_cuda_graph
+    tuned = (model_dir / decdec.artifacts.TUNING_CONFIG).is_file()
+    result = {"model_dir": str(model_dir), "device": device_name(device), "dtype": str(next(model.parameters()).dtype),
+              "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens, "tuned_config": tuned,
+              "decdec": {g.kind: {"mode": g.mode, "k_chunk": g.k_chunk, "n_tb": g.n_tb}
+                         for g in decdec.selection_groups(model)}}
+    print(f"model {model_dir} on {result['device']} ({result['dtype']}); DecDEC "
+          + ("off" if args.no_decdec else ", ".join(f"{k}: k_chunk {v['k_chunk']}" for k, v in result["decdec"].items()))
+          + (" (tuned config)" if tuned and args.k_chunk is None and not args.no_decdec else ""), file=sys.stderr)
+    if args.bench:
+        result.update(run_bench(args, model, tokenizer, ids, graph))
+        print(f"\ndecode benchmark, batch 1, {ids.shape[1]} prompt + {args.max_new_tokens} new tokens, "
+              f"{result['device']}" + (f", memory bandwidth {result['memory_bandwidth_GBps']:.0f} GB/s"
+                                       if result["memory_bandwidth_GBps"] else ""))
+        print(bench_table(result["rows"]))
+        if "memory_check" in result:
+            mc = result["memory_check"]
+            print(f"memory growth over {mc['tokens']} tokens: "
+                  + ", ".join(f"{k} {v:+.1f}" for k, v in mc["growth"].items()))
+    else:
+        session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph)
+        result.update(run_generate(args, model, tokenizer, ids, session))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
