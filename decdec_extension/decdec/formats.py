@@ -93,6 +93,22 @@ class UniformWeight:
     def quantize(cls, w: Tensor, bits: int, group_size: int = 128, clip: Tensor | None = None) -> "UniformWeight":
         """Round-to-nearest. ``clip`` [out, n_groups] optionally bounds |w| per group before the
         min/max are taken (AWQ's clipping search produces it)."""
+        q, scales, zeros = cls._round(w, bits, group_size, clip)
+        out_f, in_f = w.shape
+        codes = q.reshape(out_f, -1)[:, :in_f].to(torch.uint8)
+        return cls(pack_codes(codes, bits), scales, zeros.to(torch.uint8), bits, group_size, in_f)
+
+    @classmethod
+    def fake_quantize(cls, w: Tensor, bits: int, group_size: int = 128, clip: Tensor | None = None) -> Tensor:
+        """fp32 [out, in], bit-identical to ``quantize(...).dequantize()`` without packing the codes
+        (for searches that try many candidates)."""
+        q, scales, zeros = cls._round(w, bits, group_size, clip)
+        deq = (q - zeros.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+        return deq.reshape(w.shape[0], -1)[:, :w.shape[1]]
+
+    @classmethod
+    def _round(cls, w: Tensor, bits: int, group_size: int, clip: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(fp32 codes [out, groups, group_size], fp16 scales [out, groups], fp32 zeros [out, groups])."""
         _check_weight(w)
         _check_bits(bits)
         out_f, in_f = w.shape
@@ -110,8 +126,7 @@ class UniformWeight:
         s = scales.float()
         zeros = torch.round(-wmin / s).clamp(0, qmax)
         q = (torch.round(grouped / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, qmax)
-        codes = q.reshape(out_f, -1)[:, :in_f].to(torch.uint8)
-        return cls(pack_codes(codes, bits), scales, zeros.to(torch.uint8), bits, group_size, in_f)
+        return q, scales, zeros
 
     def codes(self) -> Tensor:
         return unpack_codes(self.packed, self.bits, self.in_features)

@@ -1,0 +1,110 @@
+"""What the decdec_setup scripts share: common options, stage timing, calibration loading, the summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from decdec.calibration import Calibration, calibration_data, check_calib_source
+from decdec.quantizers.pipeline import SUMMARY, deployed_sizes, write_summary
+
+DEFAULT_NSAMPLES = 100
+DEFAULT_SEQLEN = 512
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the blocks run, one at a time (default: cuda when available)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default: $DECDEC_DATA or ../shared/data)")
+
+
+def add_calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default="c4",
+                        help="calibration text: c4, wikitext2, self (sampled from the model), or a text file path")
+    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration sequences (default 100)")
+    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per sequence (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle / sampling")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cheap checks of the options before anything is loaded."""
+    if hasattr(args, "calib"):
+        check_calib_source(args.calib)
+        if args.nsamples < 1 or args.seqlen < 2:
+            raise SystemExit(f"error: need --nsamples >= 1 and --seqlen >= 2")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device} but CUDA is not available")
+
+
+def calibration_settings(args: argparse.Namespace) -> dict:
+    return {"calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+
+
+def load_calibration(args: argparse.Namespace, tokenizer, model=None) -> Calibration:
+    if args.calib == "self":
+        model_device = next(model.parameters()).device
+        model.to(args.device)
+        try:
+            return calibration_data("self", tokenizer, args.nsamples, args.seqlen, seed=args.seed, model=model)
+        finally:
+            model.to(model_device)
+    return calibration_data(args.calib, tokenizer, args.nsamples, args.seqlen, seed=args.seed, model=model,
+                            data_dir=args.data_dir)
+
+
+class Stages:
+    """Wall time of each named stage, printed as it ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"[{name}] ...", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        print(f"[{name}] done in {self.seconds[name]:.1f} s", flush=True)
+
+    def skip(self, name: str, why: str) -> None:
+        print(f"[{name}] skipped: {why}", flush=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def finish(model_dir: Path | str, stages: Stages, info: dict) -> dict:
+    """Prints the summary table and writes it as JSON into the directory (setup_summary.json)."""
+    model_dir = Path(model_dir)
+    sizes = deployed_sizes(model_dir)
+    previous = model_dir / SUMMARY
+    # a step run alone adds its time to what the other steps recorded before
+    earlier = json.loads(previous.read_text()).get("stages_s", {}) if previous.is_file() else {}
+    summary = {**info, "stages_s": {**earlier, **stages.seconds}, "sizes": sizes}
+    rows = [(f"time: {k}", f"{v:.1f} s") for k, v in summary["stages_s"].items()]
+    rows += [("time: total", f"{sum(summary['stages_s'].values()):.1f} s"),
+             ("GPU: quantized weights", _mib(sizes["gpu_quantized_bytes"])),
+             ("GPU: other tensors (fp16)", _mib(sizes["gpu_other_bytes"])),
+             ("GPU: total", _mib(sizes["gpu_bytes"])),
+             ("pinned host: cheatsheet", _mib(sizes["pinned_host_bytes"]))]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nsummary for {model_dir}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    write_summary(model_dir, summary)
+    print(f"  (JSON: {model_dir / SUMMARY})")
+    return summary
+
+
+def run_cli(main, argv: list[str]) -> None:
+    """Runs a script's main; bad input (ValueError, missing files) ends with a one-line error."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None

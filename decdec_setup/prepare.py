@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""One command from an original model to a prepared DecDEC model directory: quantize, cheatsheet,
+thresholds. A step whose valid result is already in --out (same settings) is not redone."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from _cli import (Stages, add_calibration, add_device, calibration_settings, check_args, finish, run_cli,
+                  load_calibration)
+from decdec import artifacts
+from decdec.prepared import default_dtype, group_input_sizes
+from decdec.quantizers import (METHODS, build_cheatsheet, check_out_dir, check_quant_settings,
+                               measure_thresholds, parse_bits, quantize_to_dir)
+from decdec.resolve import load_config, load_original, resolve_model
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="HF id, local HF directory, .gguf file, smollm2-135m or stories260k")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--bits", required=True, help="3, 4 or 3.5 (half the blocks at 3 bits, half at 4)")
+    p.add_argument("--out", required=True, help="the prepared model directory to write")
+    p.add_argument("--group-size", type=int, default=128, help="uniform methods: input channels per group (128)")
+    p.add_argument("--overwrite", action="store_true", help="replace a directory that holds another model")
+    add_calibration(p)
+    add_device(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    check_args(args)
+    bits = parse_bits(args.bits)
+    stages = Stages()
+    source = resolve_model(args.model, args.data_dir)
+    config = load_config(source)
+    existing = check_out_dir(args.out, artifacts.model_identity(config, args.model), args.overwrite)
+    with stages("load original"):
+        model, tokenizer, _ = load_original(args.model, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
+    check_quant_settings(model, args.method, bits, args.group_size)
+    settings = {"method": args.method, "bits": bits, "group_size": args.group_size, **calibration_settings(args)}
+    with stages("calibration data"):
+        calib = load_calibration(args, tokenizer, model)
+    calibration = {**calib.describe(), "seed": args.seed}
+
+    if existing is not None and existing.get("extra", {}).get("settings") == settings:
+        stages.skip("quantize", f"{args.out} already holds this quantization")
+        qc = existing
+    else:
+        with stages("quantize"):
+            qc = quantize_to_dir(model, tokenizer, args.model, args.out, method=args.method, bits=bits,
+                                 group_size=args.group_size, calib_ids=calib.ids, device=args.device,
+                                 settings=settings)
+
+    if _valid(lambda: artifacts.load_cheatsheet(f"{args.out}/{artifacts.CHEATSHEET}", qc)):
+        stages.skip("cheatsheet", "cheatsheet.pt is valid for these weights")
+    else:
+        with stages("cheatsheet"):
+            build_cheatsheet(model, args.out, args.device)
+    del model
+
+    thr = f"{args.out}/{artifacts.THRESHOLDS}"
+    if _valid(lambda: artifacts.load_thresholds(thr, qc, group_input_sizes(qc))[1] == calibration):
+        stages.skip("thresholds", "thresholds.pt is valid for these weights and calibration")
+    else:
+        with stages("thresholds"):
+            measure_thresholds(args.out, calib.ids, calibration, args.device)
+    return finish(args.out, stages, {"model": args.model, "device": args.device, "settings": settings,
+                                     "block_bits": qc["block_bits"]})
+
+
+def _valid(check) -> bool:
+    try:
+        return bool(check())
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
