@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .formats import QuantizedWeight, weight_from_tensors
 from .residual import ResidualPack, residual_correction
 from .selection import CHUNK_SIZE, MODES, chunk_quotas, select
@@ -86,9 +87,13 @@ class SelectionGroup(nn.Module):
         key = (x.data_ptr(), x._version, tuple(x.shape), self.mode, self.k_chunk)
         if self._cache_key == key and self._cache_input is not None and self._cache_input() is x:
             return self._cache_value
-        channels = select(self.mode, x, self.k_chunk, self.envelope, self.mean_sq, self.chunk_size, self.generator)
+        channels = self.compute(x)
         self._cache_key, self._cache_input, self._cache_value = key, weakref.ref(x), channels
         return channels
+
+    def compute(self, x: Tensor) -> Tensor:
+        """The channels of ``x`` under the current settings, uncached (subclasses swap the algorithm)."""
+        return select(self.mode, x, self.k_chunk, self.envelope, self.mean_sq, self.chunk_size, self.generator)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, mode={self.mode!r}, k_chunk={self.k_chunk}, n_tb={self.n_tb}"
@@ -117,6 +122,7 @@ class DecDECLinear(nn.Module):
         self.residual = residual  # deliberately not a buffer: .to(cuda) must not move it to the GPU
         self.selection = selection
         self._dense: Tensor | None = None  # reference path: dequantized weight, made on first use
+        self._gpu: kernels.GPUState | None = None  # CUDA path: GPU layout + pinned residual, made on first use
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -125,6 +131,7 @@ class DecDECLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._dense = None
+        self._gpu = None
         quantized = tuple(n for n in self._buffers if n.startswith("q_"))
         return _apply_keeping_dtype(self, quantized, fn, lambda f: super(DecDECLinear, self)._apply(f, recurse))
 
@@ -140,6 +147,10 @@ class DecDECLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if kernels.supports(self, x):  # CUDA kernels; None where only the reference path applies
+            out = kernels.forward(self, x)
+            if out is not None:
+                return out
         channels = None
         if self.residual is not None and self.selection is not None:
             channels = self.selection.select(x)

@@ -1,0 +1,184 @@
+"""Fast decode-equivalent compensation of many tokens at once, for evaluation.
+
+Evaluation compensates every position of a prefill-shaped input as if it were the token being
+decoded (``compensate_prefill``). The reference path (:mod:`decdec.selection`,
+:func:`decdec.residual.residual_correction`) does that per token and is slow on long sequences;
+this module computes the same thing with a few whole-tensor operations:
+
+- selection: per chunk, the quota-th largest score fixes a threshold; everything above it is
+  taken and the ties at the threshold (the bucket that overflows, for DecDEC) are taken lowest
+  index first. The channel sets are identical to the reference (tests check it).
+- correction: one weighted gather-sum (``embedding_bag``) of the rows of the residual's integer
+  levels, which each layer unpacks once and keeps (fp32 [in, out]); a dense product when many
+  channels are selected. Equal to the reference up to fp32 summation order.
+
+:func:`use_batched_compensation` switches a loaded model to these paths for multi-token inputs;
+single-token inputs (decoding) keep the reference path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .linear import DecDECLinear, SelectionGroup
+from .residual import ResidualPack
+from .selection import NUM_BUCKETS, bucket_edges, bucket_index, chunk_quotas, select
+
+# Scores: larger = taken first. |x| is >= 0, so NaN (ranked last by the reference) maps to -1.
+_NAN_SCORE = -1.0
+# above this fraction of selected channels a dense product beats the gathered one
+_DENSE_FRACTION = 0.125
+
+
+def _segments(d: int, chunk_size: int, quotas: list[int]) -> list[tuple[int, int, int]]:
+    """(start, chunk length, quota) of the runs of equal chunks: the full chunks, then the partial one."""
+    full = d // chunk_size
+    out = [(0, chunk_size, quotas[0])] if full else []
+    if d % chunk_size:
+        out.append((full * chunk_size, d - full * chunk_size, quotas[-1]))
+    return out
+
+
+def _abs_score(x: Tensor) -> Tensor:
+    return x.float().abs().nan_to_num_(nan=_NAN_SCORE, posinf=float("inf"))
+
+
+def _take_segment(score: Tensor, quota: int, edges: Tensor | None) -> Tensor:
+    """score [N, chunks, L] -> int64 [N, chunks, quota]: each chunk's channels (unordered).
+
+    The quota-th largest score of a chunk splits it into what is taken whole (``above``), the
+    tie that overflows, and the rest; the tie's lowest indices fill the quota. Without ``edges``:
+    exact top-k, the tie being the equal scores. With DecDEC's bucket ``edges``: the bucket of the
+    quota-th largest score is the tie, every higher bucket is ``above``."""
+    length = score.shape[-1]
+    kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    if edges is None:
+        above, at_least = score > kth, score >= kth
+    else:
+        # ext[b] = lower edge of bucket b - 1 (+inf for b = 0), ext[b + 1] = lower edge of bucket b;
+        # the NaN bucket 32 has lower edge -1 (its score)
+        ext = torch.cat([edges.new_tensor([float("inf")]), edges, edges.new_tensor([_NAN_SCORE])])
+        b = bucket_index(kth, edges)
+        above, at_least = score >= ext[b], score >= ext[b + 1]
+    # rank key: above (0), tie (1), rest (2), then the channel index; above implies at_least
+    rank = above.to(torch.int32).add_(at_least)
+    pos = torch.arange(2 * length, 3 * length, dtype=torch.int32, device=score.device)
+    return pos.sub(rank, alpha=length).topk(quota, dim=-1, largest=False, sorted=False).indices
+
+
+def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, edges: Tensor | None = None) -> Tensor:
+    """score [N, d] (larger first) -> int64 [N, k], each token's channels ascending."""
+    n, d = score.shape
+    pieces = []
+    for start, length, quota in _segments(d, chunk_size, quotas):
+        seg = score[:, start:start + (d - start) // length * length].reshape(n, -1, length)
+        if quota == length:
+            idx = torch.arange(length, device=score.device).expand(seg.shape)
+        elif quota:
+            idx = _take_segment(seg, quota, edges)
+        else:
+            continue
+        offsets = start + torch.arange(seg.shape[1], device=score.device).unsqueeze(-1) * length
+        pieces.append((idx + offsets).reshape(n, -1))
+    return torch.cat(pieces, dim=1).sort(dim=1).values
+
+
+def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = None, mean_sq: Tensor | None = None,
+                chunk_size: int = 1024, generator: torch.Generator | None = None) -> Tensor | None:
+    """Same contract and result as :func:`decdec.selection.select`, faster on many tokens for the
+    per-token modes (decdec, exact, exact-global, random); the others use the reference."""
+    if mode not in ("decdec", "exact", "exact-global", "random"):
+        return select(mode, x, k_chunk, envelope, mean_sq, chunk_size, generator)
+    d = x.shape[-1]
+    if envelope is not None and envelope.shape != (d,):
+        raise ValueError(f"envelope has shape {tuple(envelope.shape)}, x has {d} channels")
+    if mode == "decdec" and envelope is None:
+        raise ValueError("mode 'decdec' needs the calibration envelope (thresholds.pt)")
+    quotas = chunk_quotas(d, k_chunk, chunk_size)
+    k = sum(quotas)
+    lead = x.shape[:-1]
+    if k == 0:
+        return torch.empty(*lead, 0, dtype=torch.int64, device=x.device)
+    flat = x.reshape(-1, d)
+    if mode == "decdec":
+        env = envelope.to(device=x.device, dtype=torch.float32)
+        sel = _select_by_score(_abs_score(flat), quotas, chunk_size, bucket_edges(env[0], env[k - 1]))
+    elif mode == "exact":
+        sel = _select_by_score(_abs_score(flat), quotas, chunk_size)
+    elif mode == "exact-global":
+        sel = _select_by_score(_abs_score(flat), [k], d)
+    else:  # random: the reference's draw, smaller priority first
+        priority = torch.rand(flat.shape, generator=generator,
+                              device="cpu" if generator is None else generator.device)
+        sel = _select_by_score(-priority.to(x.device), quotas, chunk_size)
+    return sel.reshape(*lead, k)
+
+
+def residual_levels(pack: ResidualPack, device: torch.device | str) -> Tensor:
+    """fp32 [in, out]: the residual's integer levels nibble - 8 (scales not applied)."""
+    return pack.nibbles().to(device).float().sub_(8)
+
+
+def fast_residual_correction(x: Tensor, channels: Tensor, levels: Tensor, scales: Tensor) -> Tensor:
+    """fp32 [..., out] = residual_correction(x, channels, pack) with ``levels`` =
+    :func:`residual_levels` (pack) and ``scales`` = pack.scales, computed as one product."""
+    d, out_f = levels.shape
+    lead, k = x.shape[:-1], channels.shape[-1]
+    if k == 0:
+        return torch.zeros(*lead, out_f, dtype=torch.float32, device=x.device)
+    x2 = x.reshape(-1, d).float()
+    ch = channels.reshape(-1, k)
+    values = x2.gather(1, ch)
+    if k > _DENSE_FRACTION * d:
+        out = torch.zeros_like(x2).scatter_(1, ch, values) @ levels
+    else:  # each token: the sum of its selected rows of levels, weighted by its activations
+        out = torch.nn.functional.embedding_bag(ch, levels, per_sample_weights=values, mode="sum")
+    return (out * scales.to(x.device).float()).reshape(*lead, out_f)
+
+
+class _BatchedSelectionGroup(SelectionGroup):
+    """A SelectionGroup whose multi-token selections use :func:`fast_select`."""
+
+    def compute(self, x: Tensor) -> Tensor:
+        if not self.is_prefill(x):
+            return super().compute(x)
+        return fast_select(self.mode, x, self.k_chunk, self.envelope, self.mean_sq, self.chunk_size, self.generator)
+
+
+class _BatchedDecDECLinear(DecDECLinear):
+    """A DecDECLinear whose compensated multi-token inputs use :func:`fast_residual_correction`
+    with the residual levels unpacked once (kept on the layer's device)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        sel = self.selection
+        if (self.residual is None or sel is None or not sel.is_prefill(x) or not sel.compensate_prefill
+                or not sel.active):
+            return super().forward(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        base = self.dense_weight(torch.float32)
+        levels = getattr(self, "_levels", None)
+        if levels is None or levels.device != base.device:
+            levels = self._levels = residual_levels(self.residual, base.device)
+        if sel.mode == "full":  # every channel: the dense product, no selection
+            correction = (x.float() @ levels) * self.residual.scales.to(x.device).float()
+        else:
+            correction = fast_residual_correction(x, sel.select(x), levels, self.residual.scales)
+        out = torch.nn.functional.linear(x.float(), base) + correction
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+
+def use_batched_compensation(model: nn.Module) -> int:
+    """Switches every DecDECLinear and SelectionGroup of ``model`` to the batched paths for
+    multi-token compensated inputs (results unchanged up to fp32 summation order); returns the
+    number of linears switched. Costs one fp32 copy of the residual levels per linear."""
+    n = 0
+    for m in model.modules():
+        if type(m) is SelectionGroup:
+            m.__class__ = _BatchedSelectionGroup
+        elif type(m) is DecDECLinear:
+            m.__class__ = _BatchedDecDECLinear
+            n += 1
+    return n

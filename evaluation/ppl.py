@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Perplexity of a prepared DecDEC model under selection modes and k_chunk values, or of the
+original (unquantized) model, with the GPTQ protocol.
+
+Protocol: the rows of the evaluation split (WikiText-2 test, C4 validation) joined with blank
+lines, tokenized once, cut into non-overlapping windows of --seqlen tokens (the tail dropped),
+each window scored from its second token. Compensation is decode-equivalent: every position
+gets the correction it would get if it were the token being decoded.
+
+One record per (dataset, mode, k_chunk), printed as a table and written with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (K_MODES, add_model_args, check_model_args, configure, load_model, markdown_table,  # noqa: E402
+                     modes_and_k, run_fields, write_json)
+from decdec import CHUNK_SIZE  # noqa: E402
+from decdec.metrics import join_rows, perplexity  # noqa: E402
+from decdec.recall import RecallMeter  # noqa: E402
+from decdec.resolve import load_text_dataset  # noqa: E402
+
+SPLITS = {"wikitext2": "test", "c4": "validation"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--dataset", nargs="+", default=["wikitext2"], choices=sorted(SPLITS),
+                   help="evaluation text: wikitext2 (test split), c4 (validation split)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--k-chunk", nargs="+", type=int, default=[8],
+                   help="channels compensated per 1024 input channels, for each k-dependent mode (default 8)")
+    p.add_argument("--mode", nargs="+", default=["decdec"],
+                   help="selection modes: decdec, exact, exact-global, static, random (each at every --k-chunk), "
+                        "none, full (once each); ignored with --model")
+    p.add_argument("--limit-windows", type=int, default=None, help="score only the first N windows (quick runs)")
+    p.add_argument("--report-recall", action="store_true",
+                   help="also measure the recall of each k-dependent mode's selection against the exact top-k, "
+                        "per linear kind")
+    p.add_argument("--json", default=None, help="write the records to this JSON file")
+    return p
+
+
+def token_stream(tokenizer, dataset: str, data_dir: str | None) -> torch.Tensor:
+    """The whole evaluation split as one token stream [1, N]."""
+    try:
+        rows = load_text_dataset(dataset, SPLITS[dataset], data_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return tokenizer(join_rows(rows), return_tensors="pt").input_ids
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
+    check_model_args(args)
+    if args.seqlen < 2:
+        raise SystemExit("error: --seqlen must be >= 2")
+    if args.limit_windows is not None and args.limit_windows < 1:
+        raise SystemExit("error: --limit-windows must be >= 1")
+    if any(not 0 <= k <= CHUNK_SIZE for k in args.k_chunk):
+        raise SystemExit(f"error: --k-chunk values must be in 0..{CHUNK_SIZE}")
+    loaded = load_model(args)
+    max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seqlen > max_pos:
+        raise SystemExit(f"error: --seqlen {args.seqlen} exceeds the model's {max_pos} positions")
+    runs = modes_and_k(loaded, args.mode, args.k_chunk)
+    records = []
+    for dataset in args.dataset:
+        ids = token_stream(loaded.tokenizer, dataset, args.data_dir)
+        for mode, k_chunk in runs:
+            configure(loaded, mode, k_chunk)
+            meter = RecallMeter(loaded.model) if args.report_recall and mode in K_MODES and k_chunk else None
+            wall, cpu = time.perf_counter(), time.process_time()
+            desc = f"{dataset} {mode} k={k_chunk}"
+            if meter is not None:
+                with meter:
+                    ppl, tokens = perplexity(loaded.model, ids, args.seqlen, args.limit_windows, desc=desc)
+            else:
+                ppl, tokens = perplexity(loaded.model, ids, args.seqlen, args.limit_windows, desc=desc)
+            record = {**loaded.info, "dataset": dataset, "mode": mode, "k_chunk": k_chunk, "ppl": ppl,
+                      "tokens": tokens, "seqlen": args.seqlen, "windows": tokens // (args.seqlen - 1),
+                      "total_windows": ids.shape[1] // args.seqlen,
+                      "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
+                      "compensation": "decode-equivalent", **run_fields(args)}
+            if meter is not None:
+                record["recall"] = meter.recall()
+            records.append(record)
+            print(f"{desc}: ppl {ppl:.4f} over {tokens} tokens ({record['seconds']:.1f} s)", flush=True)
+            write_json(args.json, records, quiet=True)  # partial results survive an interruption
+    write_json(args.json, records)
+    print()
+    print(markdown_table(records, [("model", "model"), ("dataset", "dataset"), ("mode", "mode"),
+                                   ("k_chunk", "k_chunk"), ("ppl", "perplexity"), ("tokens", "tokens"),
+                                   ("seconds", "seconds")]))
+    if args.report_recall:
+        rows = [{"mode": r["mode"], "k_chunk": r["k_chunk"], **r["recall"]} for r in records if "recall" in r]
+        kinds = sorted({k for r in rows for k in r} - {"mode", "k_chunk", "all"}) + ["all"]
+        print()
+        print(markdown_table(rows, [("mode", "mode"), ("k_chunk", "k_chunk")] + [(k, f"recall {k}") for k in kinds]))
+    return records
+
+
+if __name__ == "__main__":
+    main()
