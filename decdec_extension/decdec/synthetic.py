@@ -29,8 +29,9 @@ SHAPES: dict[str, dict] = {
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "tiny": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
+    # tiny: one partial chunk (512) and a full plus a partial one (1536), GPU-kernel friendly sizes
+    "tiny": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512),
 }
 ENVELOPE_TOKENS = 64
 
@@ -55,6 +56,27 @@ def _linear_groups(config) -> list[list[str]]:
                                 "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
                                 "head_dim": 16, "vocab_size": 64})
     return discover_linear_groups(AutoModelForCausalLM.from_config(small).eval())
+
+
+def quant_layout(shape: str, bits: int = 3, fmt: str = "uniform", group_size: int = 128,
+                 num_layers: int | None = None) -> dict:
+    """The "groups" and "layers" of the quant_config.json a synthetic model of this shape gets,
+    without drawing any weight: enough for ``tuning.workloads_from_quant_config`` (dry runs)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    config = synthetic_config(shape, num_layers)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    _, blocks = find_decoder_blocks(model)
+    layers = []
+    for block in blocks:
+        meta = {}
+        for name, lin in block_linears(block).items():
+            meta[name] = {"format": fmt, "bits": bits, "in_features": lin.in_features, "out_features": lin.out_features}
+            if fmt == "uniform":
+                meta[name]["group_size"] = min(group_size, lin.in_features)
+        layers.append(meta)
+    return {"groups": _linear_groups(config), "layers": layers}
 
 
 def _random_uniform_weight(in_f: int, out_f: int, bits: int, group_size: int, std: float,

@@ -1,0 +1,112 @@
+"""decdec.generation: the static-cache decode loop against Hugging Face generate(), EOS, streaming,
+sampling; on CUDA the captured decode step against eager steps."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import decdec
+from decdec.generation import DecodeSession, parse_k_chunk
+from decdec.synthetic import write_synthetic_model
+from helpers import prepare_by_hand, tiny_model
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("llama3bit")
+    prepare_by_hand(tiny_model("llama"), out, bits=3, group_size=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt() -> torch.Tensor:
+    return torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(1))
+
+
+def hf_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def test_decdec_off_equals_the_plain_quantized_model(prepared, prompt):
+    model = decdec.load_prepared(prepared, mode="none")
+    ours = DecodeSession(model, 64).generate(prompt, NEW)
+    assert ours.tokens == hf_greedy(model, prompt, NEW)
+    assert len(ours.tokens) == NEW and ours.decode_steps == NEW - 1 and not ours.cuda_graph
+
+
+def test_decdec_on_equals_hf_generate_with_decdec(prepared, prompt):
+    model = decdec.load_prepared(prepared, mode="exact", k_chunk=512)
+    ours = DecodeSession(model, 64).generate(prompt, NEW)
+    assert ours.tokens == hf_greedy(model, prompt, NEW)
+    # and the compensation changes the logits of a decode step (else the test above proves nothing)
+    session = DecodeSession(model, 64)
+    on = session.step(session.prefill(prompt).argmax(-1, keepdim=True)).clone()
+    decdec.configure(model, mode="none")
+    off = session.step(session.prefill(prompt).argmax(-1, keepdim=True))
+    assert not torch.allclose(on, off)
+
+
+def test_session_is_reusable_and_eos_stops(prepared, prompt):
+    model = decdec.load_prepared(prepared, mode="none")
+    session = DecodeSession(model, 64)
+    full = session.generate(prompt, NEW).tokens
+    j = 9
+    eos = full[j]
+    first = full.index(eos)
+    streamed = []
+    stopped = session.generate(prompt, NEW, eos_token_id=eos, on_tokens=streamed.extend)
+    assert stopped.tokens == full[:first + 1] == streamed
+    batched = session.generate(prompt, NEW, eos_token_id=[eos], check_every=4)
+    assert batched.tokens == full[:first + 1]
+    assert session.generate(prompt, NEW).tokens == full  # the cache was reset
+
+
+def test_sampling_is_seeded(prepared, prompt):
+    model = decdec.load_prepared(prepared, mode="none")
+    session = DecodeSession(model, 64)
+    runs = [session.generate(prompt, NEW, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(s)).tokens
+            for s in (5, 5, 6)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_cache_limits(prepared, prompt):
+    session = DecodeSession(decdec.load_prepared(prepared, mode="none"), 10)
+    with pytest.raises(ValueError, match="exceed"):
+        session.generate(prompt, 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        session.generate(prompt, 0)
+    with pytest.raises(ValueError, match=r"\[1, T\]"):
+        session.prefill(prompt.expand(2, -1))
+
+
+def test_parse_k_chunk():
+    kinds = ["o_proj", "down_proj"]
+    assert parse_k_chunk("8", kinds) == 8
+    assert parse_k_chunk("o_proj=4, down_proj=16", kinds) == {"o_proj": 4, "down_proj": 16}
+    for bad in ("x", "o_proj=", "gate=3"):
+        with pytest.raises(ValueError):
+            parse_k_chunk(bad, kinds)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, k_chunk", [("none", 0), ("decdec", 32)])
+def test_cuda_graph_decode_equals_eager(tmp_path, mode, k_chunk):
+    write_synthetic_model(tmp_path, "tiny", bits=3)
+    model = decdec.load_prepared(tmp_path, "cuda", mode=mode, k_chunk=k_chunk)
+    prompt = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    graph, eager = DecodeSession(model, 64, cuda_graph=True), DecodeSession(model, 64, cuda_graph=False)
+    tokens = eager.generate(prompt, NEW).tokens
+    result = graph.generate(prompt, NEW)
+    assert result.cuda_graph, graph.graph_error
+    # teacher-forced steps: the replayed graph gives the eager logits (the DEC merge may add in
+    # another order, so allclose rather than equal tokens)
+    for session in (graph, eager):
+        session.prefill(prompt)
+        session.logits = torch.stack([session.step(torch.tensor([[t]], device="cuda")).float().clone()
+                                      for t in tokens[:8]])
+    torch.testing.assert_close(graph.logits, eager.logits, rtol=1e-2, atol=1e-2)
+    decdec.configure(model, k_chunk=0)  # a settings change re-captures
+    assert graph.generate(prompt, 4).cuda_graph and graph.graph_error is None

@@ -1,0 +1,124 @@
+"""end-to-end/chat.py and generate.py run in-process on CPU, and the synthetic model builder."""
+import builtins
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import decdec
+from decdec import artifacts
+from decdec.synthetic import ensure_synthetic_model
+from helpers import prepare_by_hand
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return load_script(ROOT / "end-to-end" / "chat.py")
+
+
+@pytest.fixture(scope="module")
+def generate():
+    return load_script(ROOT / "end-to-end" / "generate.py")
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory, data_dir) -> Path:
+    from decdec.resolve import load_original
+    model, tokenizer, _ = load_original("stories260k", data_dir=data_dir)
+    out = tmp_path_factory.mktemp("stories3")
+    prepare_by_hand(model, out, bits=3, group_size=32, tokenizer=tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return ensure_synthetic_model(tmp_path_factory.mktemp("synth"), "tiny", bits=3)
+
+
+def test_chat_single_prompt(chat, stories, capsys):
+    assert chat.main(["--model-dir", str(stories), "--prompt", "Once upon a time", "--max-new-tokens", "12",
+                      "--k-chunk", "512", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "> Once upon a time" in out and "tokens/s" in out and "k_chunk" in out
+    answer = out.split("\n")[1]
+    assert len(answer.strip()) > 0
+
+
+def test_chat_commands_and_eof(chat, stories, capsys, monkeypatch):
+    lines = iter(["/k 256", "Lily", "/decdec off", "/k down_proj=3", "/k foo=2", "/help", "Tom", "/reset"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    assert chat.main(["--model-dir", str(stories), "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "no chat template" in out
+    assert "k_chunk q_proj+k_proj+v_proj 256" in out
+    assert out.count("tokens/s") == 2
+    assert "DecDEC off" in out and "unknown kinds ['foo']" in out and "conversation cleared" in out
+    assert out.count("(DecDEC off)") == 2  # /k while off keeps DecDEC off
+    assert out.rstrip().endswith("(conversation cleared)")  # EOF after the last command: a clean exit
+
+
+def test_generate_prints_text(generate, stories, capsys, tmp_path):
+    out_json = tmp_path / "g.json"
+    assert generate.main(["--model-dir", str(stories), "--prompt", "Once upon a time", "--max-new-tokens", "10",
+                          "--device", "cpu", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("---\nOnce upon a time") and "tokens/s" in out
+    result = json.loads(out_json.read_text())
+    assert len(result["samples"]) == 1 and len(result["samples"][0]["tokens"]) == 10
+
+
+def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    assert generate.main(["--synthetic", "tiny", "--synthetic-dir", str(synthetic), "--bench", "--max-new-tokens", "4",
+                          "--k-chunk", "64", "--fp16-contrast", "--memory-check", "6", "--device", "cpu",
+                          "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "decode benchmark" in out and "DecDEC on" in out
+    result = json.loads(out_json.read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["quantized, DecDEC off", "quantized, DecDEC on", "fp32 dense, this loop",
+                     "fp32 dense, HF generate()"]
+    assert result["rows"][1]["slowdown_percent"] is not None and result["rows"][0]["roofline_ms"] is None
+    assert result["memory_check"]["tokens"] == 6
+    assert all(v["k_chunk"] == 64 for v in result["decdec"].values())
+
+
+def test_synthetic_model_is_valid_and_reused(synthetic):
+    mtime = (synthetic / artifacts.WEIGHTS).stat().st_mtime_ns
+    assert ensure_synthetic_model(synthetic, "tiny", bits=3) == synthetic
+    assert (synthetic / artifacts.WEIGHTS).stat().st_mtime_ns == mtime
+    model = decdec.load_prepared(synthetic, k_chunk=16)
+    assert model.config.hidden_size == 512 and model.config.num_hidden_layers == 2
+    lin = model.model.layers[1].mlp.down_proj
+    assert (lin.in_features, lin.out_features) == (1536, 512)
+    nibbles = lin.residual.nibbles()
+    assert nibbles.min() >= 1 and nibbles.max() <= 15
+    w = lin.quantized_weight.dequantize()
+    assert 0.01 < w.std() < 0.04  # the config's initializer std
+    logits = model(input_ids=torch.tensor([[1, 5, 9]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_generate_rejects_bad_arguments(generate, capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--synthetic", "tiny", "--no-decdec", "--k-chunk", "4"])
+    with pytest.raises(SystemExit):
+        generate.main(["--max-new-tokens", "4"])
