@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench", action="store_true", help="time decoding with DecDEC off and on, against the roofline")
+    b.add_argument("--tuned", type=Path, nargs="+", metavar="CONFIG",
+                   help="time each of these tuned configs (decdec_config.json or tune.py --json files)")
     b.add_argument("--fp16-contrast", action="store_true", help="also time a random fp16 model of the same shape")
     b.add_argument("--memory-check", type=int, metavar="N",
                    help="also generate N tokens in one run and report the memory growth over them")
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-new-tokens, --num-samples and --prompt-tokens must be positive")
     if args.no_decdec and args.k_chunk is not None:
         p.error("--no-decdec and --k-chunk exclude each other")
+    if args.tuned and not args.bench:
+        p.error("--tuned needs --bench")
     if args.memory_check is not None and args.memory_check < 2:
         p.error("--memory-check needs at least 2 tokens")
     return args
@@ -182,34 +186,67 @@ def run_generate(args, model, tokenizer, ids, session: DecodeSession) -> dict:
     return {"samples": [{"text": show(tokenizer, r.tokens), "tokens": r.tokens, **r.to_json()} for r in results]}
 
 
+def settings_of(model) -> list[tuple[str, int, int | None]]:
+    return [(g.mode, g.k_chunk, g.n_tb) for g in decdec.selection_groups(model)]
+
+
+def apply_settings(model, settings: list[tuple[str, int, int | None]]) -> None:
+    for g, (mode, k_chunk, n_tb) in zip(decdec.selection_groups(model), settings):
+        g.configure(mode=mode, k_chunk=k_chunk)
+        g.n_tb = n_tb
+
+
+def bench_settings(args, model) -> list[tuple[str, list, str]]:
+    """(row name, settings, note) of every DecDEC configuration to time: the loaded one, or each --tuned file."""
+    if not args.tuned:
+        kinds = {g.kind: g.k_chunk for g in decdec.selection_groups(model)}
+        note = "k_chunk " + ", ".join(f"{k.split('+')[0]} {v}" for k, v in kinds.items())
+        return [("quantized, DecDEC on", settings_of(model), note)]
+    out = []
+    loaded = settings_of(model)
+    kinds = {g.kind for g in decdec.selection_groups(model)}
+    for path in args.tuned:
+        data = decdec.artifacts.read_json(path)
+        if set(data.get("kinds", {})) != kinds:
+            raise SystemExit(f"{path}: tuned kinds {sorted(data.get('kinds', {}))} are not this model's {sorted(kinds)}")
+        decdec.configure(model, mode="decdec", tuned=data)
+        target = data.get("target_slowdown_percent")
+        note = "k_chunk/n_tb " + ", ".join(f"{k.split('+')[0]} {v['k_chunk']}/{v['n_tb']}" for k, v in data["kinds"].items())
+        out.append((f"quantized, DecDEC tuned {target:g} %" if target is not None else f"quantized, DecDEC {path.name}",
+                    settings_of(model), note))
+        apply_settings(model, loaded)
+    return out
+
+
 def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
+    """Decode time per token with DecDEC off and in each configuration, alternating runs (medians)."""
     device = torch.device(args.device)
     repeats = max(args.num_samples, 3)
     n = args.max_new_tokens
     max_len = ids.shape[1] + n
     bw = memory_bandwidth(device) if device.type == "cuda" else None
     roof = 1e3 * quantized_roofline_bytes(model) / bw if bw else None
-    mode_on = decdec.selection_groups(model)[0].mode  # mode "none" keeps each group's k_chunk for later
-    sessions = {"off": DecodeSession(model, max_len, cuda_graph=graph), "on": DecodeSession(model, max_len, cuda_graph=graph)}
-    times: dict[str, list[GenerationResult]] = {"off": [], "on": []}
+    configs = [("quantized, DecDEC off", [("none", k, n_tb) for _, k, n_tb in settings_of(model)], "")]
+    configs += bench_settings(args, model)
+    sessions = [DecodeSession(model, max_len, cuda_graph=graph) for _ in configs]  # one graph per setting
+    times: list[list[GenerationResult]] = [[] for _ in configs]
     for i in range(repeats + 1):  # the first round warms up (and captures the graphs)
-        for name in ("off", "on"):
-            decdec.configure(model, mode="none" if name == "off" else mode_on)
-            r = sessions[name].generate(ids, n)
+        for j, (_, settings, _) in enumerate(configs):
+            apply_settings(model, settings)
+            r = sessions[j].generate(ids, n)
             if i:
-                times[name].append(r)
-        print(f"bench round {i}/{repeats}: off {times['off'][-1].ms_per_token if i else float('nan'):.3f} ms/token, "
-              f"on {times['on'][-1].ms_per_token if i else float('nan'):.3f} ms/token", file=sys.stderr)
-    decdec.configure(model, mode=mode_on)
-    off_ms, on_ms = median_ms(times["off"]), median_ms(times["on"])
-    kinds = {g.kind: g.k_chunk for g in decdec.selection_groups(model)}
-    setting = ", ".join(f"{k.split('+')[0]} {v}" for k, v in kinds.items())
-    rows = [row("quantized, DecDEC off", off_ms, roof, None, times["off"][0].cuda_graph),
-            row("quantized, DecDEC on", on_ms, roof, off_ms, times["on"][0].cuda_graph, f"k_chunk: {setting}")]
+                times[j].append(r)
+        if i:
+            print(f"bench round {i}/{repeats}: " + ", ".join(f"{t[-1].ms_per_token:.3f}" for t in times) + " ms/token",
+                  file=sys.stderr)
+    off_ms = median_ms(times[0])
+    rows = [row(name, median_ms(t), roof, off_ms if j else None, t[0].cuda_graph, note)
+            for j, ((name, _, note), t) in enumerate(zip(configs, times))]
     out = {"memory_bandwidth_GBps": bw / GB if bw else None, "roofline_bytes": quantized_roofline_bytes(model),
-           "repeats": repeats, "runs_ms_per_token": {k: [r.ms_per_token for r in v] for k, v in times.items()},
-           "graph_errors": {k: s.graph_error for k, s in sessions.items() if s.graph_error}}
+           "repeats": repeats, "runs_ms_per_token": {name: [r.ms_per_token for r in t] for (name, _, _), t in zip(configs, times)},
+           "graph_errors": {configs[j][0]: s.graph_error for j, s in enumerate(sessions) if s.graph_error}}
     del sessions
+    apply_settings(model, configs[-1][1])
     if args.memory_check:
         out["memory_check"] = memory_check(model, ids, args.memory_check, graph)
     if args.fp16_contrast:
@@ -257,15 +294,15 @@ def fp16_contrast(config, ids, n: int, repeats: int, device: torch.device, bw: f
     del session
     hf_ms = []
     ids_dev = ids.to(device)
-    for i in range(repeats + 1):
+    for tokens in (min(n, 8), n):  # a short warm-up, then one timed run: it is slow and steady
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        dense.generate(ids_dev, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        dense.generate(ids_dev, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:
-            hf_ms.append(1e3 * (time.perf_counter() - t0) / n)
+        hf_ms.append(1e3 * (time.perf_counter() - t0) / tokens)
+    hf_ms = hf_ms[1:]
     del dense
     name = "fp16" if dtype == torch.float16 else "fp32"
     return [row(f"{name} dense, this loop", median_ms(ours), roof, reference_ms, ours[0].cuda_graph,

@@ -87,7 +87,7 @@ def test_generate_prints_text(generate, stories, capsys, tmp_path):
 
 def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
     out_json = tmp_path / "bench.json"
-    assert generate.main(["--synthetic", "tiny", "--synthetic-dir", str(synthetic), "--bench", "--max-new-tokens", "4",
+    assert generate.main(["--synthetic", "tiny", "--synthetic-dir", str(synthetic), "--bench", "--max-new-tokens", "3",
                           "--k-chunk", "64", "--fp16-contrast", "--memory-check", "6", "--device", "cpu",
                           "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
@@ -99,6 +99,29 @@ def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
     assert result["rows"][1]["slowdown_percent"] is not None and result["rows"][0]["roofline_ms"] is None
     assert result["memory_check"]["tokens"] == 6
     assert all(v["k_chunk"] == 64 for v in result["decdec"].values())
+    assert "k_chunk q_proj 64" in result["rows"][1]["note"]
+
+
+def test_bench_of_tuned_configs_and_report(generate, synthetic, capsys, tmp_path):
+    tune = load_script(ROOT / "autotuner" / "tune.py")
+    report = load_script(ROOT / "end-to-end" / "report.py")
+    configs = []
+    for target in ("2.5", "10"):
+        configs.append(tmp_path / f"tune_{target}.json")
+        tune.main(["--model-dir", str(synthetic), "--target-slowdown", target, "--dry-run", "--mem-bw", "3350",
+                   "--pcie-bw", "52", "--sms", "132", "--no-write", "--json", str(configs[-1])])
+    bench = tmp_path / "bench.json"
+    assert generate.main(["--model-dir", str(synthetic), "--bench", "--max-new-tokens", "2", "--device", "cpu",
+                          "--tuned", *map(str, configs), "--json", str(bench)]) == 0
+    rows = json.loads(bench.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["quantized, DecDEC off", "quantized, DecDEC tuned 2.5 %",
+                                         "quantized, DecDEC tuned 10 %"]
+    tuned = json.loads(configs[0].read_text())["kinds"]["down_proj"]
+    assert f"down_proj {tuned['k_chunk']}/{tuned['n_tb']}" in rows[1]["note"]
+    capsys.readouterr()
+    assert report.main([*map(str, configs), str(bench)]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATE" in out and "2.5 %" in out and "10 %" in out and "DecDEC tuned 10 %" in out
 
 
 def test_synthetic_model_is_valid_and_reused(synthetic):

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Prints the tables of autotuner/tune.py --json and end-to-end/generate.py --bench --json result
+files: one tuning table (a row per target) and each benchmark table.
+
+Example:
+  python end-to-end/report.py out/tune_*.json out/bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+def load_generate():
+    spec = importlib.util.spec_from_file_location("generate", Path(__file__).with_name("generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(lines: list[tuple[str, ...]]) -> str:
+    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
+    out = []
+    for j, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def tuning_table(results: list[dict]) -> str:
+    kinds = list(results[0]["kinds"])
+    head = ("target", "predicted", *(f"{k.split('+')[0]} k/n_tb" for k in kinds), "n_tb cap", "pinned", "source", "s")
+    lines = [head]
+    for r in sorted(results, key=lambda r: r["target_slowdown_percent"]):
+        lines.append((f"{r['target_slowdown_percent']:g} %", f"{r['predicted_slowdown_percent']:.2f} %",
+                      *(f"{r['kinds'][k]['k_chunk']}/{r['kinds'][k]['n_tb']}" for k in kinds), str(r["n_tb_cap"]),
+                      ",".join(p.split("+")[0] for p in r["pinned"]) or "-",
+                      "ESTIMATE" if r["estimate"] else ("reused table" if "table_from" in r else "measured"),
+                      f"{r['tuning_seconds']:.0f}"))
+    return table(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, nargs="+", help="JSON files from tune.py --json / generate.py --bench --json")
+    args = p.parse_args(argv)
+    tunes, benches = [], []
+    for path in args.results:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"{path}: skipped ({e})", file=sys.stderr)
+            continue
+        if "rows" in data:
+            benches.append((path, data))
+        elif "kinds" in data and "predicted_slowdown_percent" in data:
+            tunes.append(data)
+        else:
+            print(f"{path}: neither a tuning nor a benchmark result, skipped", file=sys.stderr)
+    if tunes:
+        print(f"\nDecDEC tuning on {tunes[0]['gpu']} (k_chunk/n_tb per kind)")
+        print(tuning_table(tunes))
+    if benches:
+        generate = load_generate()
+        for path, data in benches:
+            bw = data.get("memory_bandwidth_GBps")
+            print(f"\ndecode benchmark {path.name}: {data['model_dir']} on {data['device']}, batch 1, "
+                  f"{data['prompt_tokens']} prompt + {data['max_new_tokens']} new tokens"
+                  + (f", measured memory bandwidth {bw:.0f} GB/s" if bw else ""))
+            print(generate.bench_table(data["rows"]))
+            if data.get("graph_errors"):
+                print(f"not captured as CUDA graphs: {data['graph_errors']}")
+            if "memory_check" in data:
+                mc = data["memory_check"]
+                print(f"memory growth over {mc['tokens']} generated tokens: "
+                      + ", ".join(f"{k} {v:+.1f}" for k, v in mc["growth"].items()))
+    return 0 if tunes or benches else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
