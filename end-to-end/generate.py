@@ -199,6 +199,8 @@ def apply_settings(model, settings: list[tuple[str, int, int | None]]) -> None:
 def bench_settings(args, model) -> list[tuple[str, list, str]]:
     """(row name, settings, note) of every DecDEC configuration to time: the loaded one, or each --tuned file."""
     if not args.tuned:
+        if not any(g.active for g in decdec.selection_groups(model)):
+            return []  # DecDEC is off: the off row says it all
         kinds = {g.kind: g.k_chunk for g in decdec.selection_groups(model)}
         note = "k_chunk " + ", ".join(f"{k.split('+')[0]} {v}" for k, v in kinds.items())
         return [("quantized, DecDEC on", settings_of(model), note)]

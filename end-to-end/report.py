@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{path}: neither a tuning nor a benchmark result, skipped", file=sys.stderr)
     if tunes:
-        print(f"\nDecDEC tuning on {tunes[0]['gpu']} (k_chunk/n_tb per kind)")
+        print("\nDecDEC tuning (k_chunk/n_tb per kind; s = tuning seconds)")
         print(tuning_table(tunes))
+        for gpu in dict.fromkeys(t["gpu"] for t in tunes):
+            print(f"  device: {gpu}")
     if benches:
         generate = load_generate()
         for path, data in benches:

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks of the autotuner and end-to-end stages, in one go; tables last.
+#
+# Run from the repository root on a CUDA machine with the package installed
+# (pip install --no-build-isolation -e decdec_extension, which builds decdec._C):
+#
+#   bash end-to-end/device_run.sh                 # everything (about 5-8 minutes on an H100)
+#   STAGES="tests build tune" bash end-to-end/device_run.sh   # a subset, e.g. to split it over two calls
+#
+# Stages (in order):
+#   tests   pytest -m gpu of the tune/e2e tests (CUDA-graph decode vs eager, DecDEC off and on)
+#   build   a synthetic 3-bit model of Llama-3-8B's shape in $SYN (random weights + residuals; reused)
+#   tune    autotuner/tune.py on it: measured at 2.5 % (writes $SYN/decdec_config.json and a plot),
+#           then 5 % and 10 % from the same measured table, and a dry run with the measured bandwidths
+#   bench   generate.py --bench: DecDEC off vs the three tuned configs, alternating runs, roofline from
+#           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
+#           and memory growth over $MEM_TOKENS generated tokens
+#   report  the tuning and benchmark tables
+# Without the compiled extension it runs in reference mode: tests and tuning are skipped and the
+# benchmark times the CUDA-graph loop with DecDEC off only.
+#
+# Settings (environment): OUT (results, default $OUT or ./device_out), SYN (synthetic model dir),
+# SHAPE (llama-3-8b), BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), STAGES.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+SHAPE=${SHAPE:-llama-3-8b}
+BITS=${BITS:-3}
+SYN=${SYN:-/tmp/decdec-synthetic/$SHAPE-${BITS}bit}
+NEW_TOKENS=${NEW_TOKENS:-256}
+MEM_TOKENS=${MEM_TOKENS:-10000}
+STAGES=${STAGES:-tests build tune bench report}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT/logs"
+declare -a SUMMARY=()
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# run_stage NAME COMMAND...: output to $OUT/logs/NAME.log; one status line; the log tail on failure
+run_stage() {
+  local name=$1; shift
+  local start=$SECONDS
+  echo "[$(date -u +%H:%M:%S)] $name: $*" >&2
+  "$@" >"$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  local line="$name: rc=$rc, $((SECONDS - start)) s"
+  SUMMARY+=("$line")
+  echo "  -> $line" >&2
+  if [[ $rc -ne 0 ]]; then
+    echo "----- tail of $OUT/logs/$name.log -----" >&2
+    tail -n 25 "$OUT/logs/$name.log" | tr '\r' '\n' | tail -n 25 >&2
+  fi
+  return $rc
+}
+
+if ! python -c "import decdec" 2>/dev/null; then
+  run_stage install pip install --no-build-isolation -e decdec_extension || exit 1
+fi
+nvidia-smi -L >&2 || true
+if python -c "import sys, decdec; sys.exit(0 if decdec.cuda_available() else 1)"; then
+  EXT=1
+else
+  EXT=0
+  echo "decdec._C is not available: reference mode (no tests, no tuning, DecDEC off only)" >&2
+fi
+
+if want tests && [[ $EXT == 1 ]]; then
+  run_stage tests python -m pytest -q -m gpu tests/test_e2e_generation.py
+fi
+
+if want build; then
+  run_stage build python -c "
+from decdec.synthetic import ensure_synthetic_model
+print(ensure_synthetic_model('$SYN', '$SHAPE', $BITS, device='cuda'))"
+fi
+
+if want tune && [[ $EXT == 1 ]]; then
+  rm -f "$OUT"/tune_*.json
+  if run_stage tune_2.5 python autotuner/tune.py --model-dir "$SYN" --target-slowdown 2.5 \
+      --plot "$OUT/tune_${SHAPE}_${BITS}bit.png" --json "$OUT/tune_2.5.json"; then
+    for target in 5 10; do
+      run_stage "tune_$target" python autotuner/tune.py --model-dir "$SYN" --target-slowdown "$target" \
+        --table "$SYN/decdec_config.json" --no-write --json "$OUT/tune_$target.json"
+    done
+    # the analytic model with this GPU's measured bandwidths, for comparison with the measurement
+    read -r MEM PCIE SMS < <(python -c "
+import json, torch
+d = json.load(open('$OUT/tune_2.5.json'))
+print(d['bandwidth_GBps']['memory'], d['bandwidth_GBps']['pcie'], torch.cuda.get_device_properties(0).multi_processor_count)")
+    run_stage tune_dry python autotuner/tune.py --model-dir "$SYN" --target-slowdown 2.5 --dry-run \
+      --mem-bw "$MEM" --pcie-bw "$PCIE" --sms "$SMS" --no-write --json "$OUT/tune_dry_2.5.json"
+  fi
+fi
+
+if want bench; then
+  if [[ $EXT == 1 ]]; then
+    TUNED=$(ls "$OUT"/tune_2.5.json "$OUT"/tune_5.json "$OUT"/tune_10.json 2>/dev/null | tr '\n' ' ')
+    if [[ -n "$TUNED" ]]; then
+      # shellcheck disable=SC2086
+      run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --tuned $TUNED --fp16-contrast \
+        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench.json"
+    else
+      run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --k-chunk 8 --fp16-contrast \
+        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench.json"
+    fi
+  else
+    run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --no-decdec --fp16-contrast \
+      --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench.json"
+  fi
+fi
+
+echo
+echo "===== stages ====="
+printf '%s\n' "${SUMMARY[@]}"
+if want report; then
+  echo "===== results (JSON and logs in $OUT) ====="
+  python end-to-end/report.py "$OUT"/tune_*.json "$OUT"/bench.json 2>/dev/null \
+    || echo "(no results to report)"
+fi
