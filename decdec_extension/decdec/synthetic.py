@@ -142,6 +142,7 @@ def write_synthetic_model(out_dir: Path | str, shape: str, bits: int = 3, fmt: s
     out_dir = Path(out_dir)
     config = synthetic_config(shape, num_layers)
     groups = _linear_groups(config)
+    (out_dir / artifacts.TUNING_CONFIG).unlink(missing_ok=True)  # tuned for the weights being replaced
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     blocks_name, blocks = find_decoder_blocks(model)
