@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import decdec
 from decdec.generation import DecodeSession, parse_k_chunk
@@ -11,6 +12,7 @@ from decdec.synthetic import write_synthetic_model
 from helpers import prepare_by_hand, tiny_model
 
 NEW = 24
+aten = torch.ops.aten
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,45 @@ def test_cache_limits(prepared, prompt):
         session.generate(prompt, 0)
     with pytest.raises(ValueError, match=r"\[1, T\]"):
         session.prefill(prompt.expand(2, -1))
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make a CUDA device wait for the host (or the host for the device): none
+    of them may run inside a CUDA graph capture."""
+
+    SYNCING = {aten._local_scalar_dense, aten.is_nonzero, aten.nonzero, aten.equal, aten.masked_select}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if func.overloadpacket in self.SYNCING or bool_index:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_is_capturable(prepared, prompt, monkeypatch):
+    """A CPU stand-in for CUDA graph capture: with transformers' capture-time branches forced on,
+    one decode step makes no host synchronisation and gives the eager step's logits."""
+    import transformers.masking_utils
+    model = decdec.load_prepared(prepared, mode="none")
+    logits = []
+    for capturing in (False, True):
+        session = DecodeSession(model, 32)
+        session.prefill(prompt)
+        session._input.fill_(5)
+        if capturing:
+            monkeypatch.setattr(transformers.masking_utils, "is_tracing", lambda *a, **k: True)
+        with torch.no_grad(), HostSyncs() as syncs:
+            logits.append(session._forward(session._input))
+        assert syncs.found == []
+    torch.testing.assert_close(logits[0], logits[1])
+    with HostSyncs() as syncs:  # the detector itself works
+        bool(torch.ones(2).sum() > 0)
+    assert syncs.found
 
 
 def test_parse_k_chunk():

@@ -50,9 +50,9 @@ class GenerationResult:
                 "cuda_graph": self.cuda_graph}
 
 
-def decdec_settings(model: nn.Module) -> tuple:
+def decdec_settings(groups: list) -> tuple:
     """What a captured decode step depends on besides its inputs: every group's selection settings."""
-    return tuple((g.kind, g.mode, g.k_chunk, g.n_tb) for g in selection_groups(model))
+    return tuple((g.mode, g.k_chunk, g.n_tb) for g in groups)
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +71,7 @@ class DecodeSession:
         from transformers import StaticCache
         self.model = model
         self.device = next(model.parameters()).device
+        self.groups = selection_groups(model)  # looked up once: a module walk per token would cost
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -120,12 +121,12 @@ class DecodeSession:
             for p, v in zip(self._positions(), saved):
                 p.copy_(v)
         self._graph, self._graph_logits = graph, logits
-        self._graph_key = decdec_settings(self.model)
+        self._graph_key = decdec_settings(self.groups)
 
     def _ensure_graph(self) -> bool:
         if not self.use_graph:
             return False
-        key = decdec_settings(self.model)
+        key = decdec_settings(self.groups)
         if self._graph is not None and self._graph_key == key:
             return True
         self._graph = self._graph_logits = None  # free the old graph's pool before capturing again
