@@ -101,9 +101,9 @@ class DecodeSession:
         return True
 
     def _capture(self) -> None:
-        """Captures one decode step reading ``self._input``. The warm-up steps write the cache at the
-        next positions; the write position is restored after them, and the real steps overwrite
-        those slots before any attention reads them."""
+        """Captures one decode step reading ``self._input``. The eager warm-up steps write the cache
+        slot of the current position and advance the write position; it is put back after each, so
+        the replayed step writes that slot again, and positions stay right."""
         saved = [p.clone() for p in self._positions()]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -306,6 +306,7 @@ def _workload_modules(model, workload: Workload) -> list[list]:
             for i, layer in enumerate(quant_config["layers"]) if layer[group[0]]["bits"] == workload.bits]
 
 
+@torch.no_grad()
 def measure_table(model, n_tbs: list[int], k_grid: tuple[int, ...] = K_GRID, *, cuda_graph: bool = True,
                   rotate_bytes: int | None = None, progress: bool = True) -> CostTable:
     """Times every workload of a loaded prepared model (``load_prepared``) without DecDEC and over
