@@ -66,6 +66,17 @@ def test_session_is_reusable_and_eos_stops(prepared, prompt):
     assert session.generate(prompt, NEW).tokens == full  # the cache was reset
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_other_architectures(arch, tmp_path):
+    prepare_by_hand(tiny_model(arch), tmp_path, bits=4, group_size=32)
+    model = decdec.load_prepared(tmp_path, mode="none")
+    prompt = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(0))
+    session = DecodeSession(model, 40)
+    assert session.generate(prompt, 12).tokens == hf_greedy(model, prompt, 12)
+    # mistral's 4096-token window never slides in 40 positions: plain static layers, capturable
+    assert {type(layer).__name__ for layer in session.cache.layers} == {"StaticLayer"}
+
+
 def test_sampling_is_seeded(prepared, prompt):
     model = decdec.load_prepared(prepared, mode="none")
     session = DecodeSession(model, 64)

@@ -14,6 +14,7 @@ back to eager steps with a warning. On CPU every step is eager.
 """
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass
@@ -55,6 +56,22 @@ def decdec_settings(groups: list) -> tuple:
     return tuple((g.mode, g.k_chunk, g.n_tb) for g in groups)
 
 
+def _cache_config(config, max_len: int):
+    """The config the static cache is built from. A sliding window at least ``max_len`` long never
+    slides, so its layers can be plain static layers (attention is the same): those keep no
+    Python-side position, which a captured graph would freeze."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    if window is None or window < max_len:
+        return config
+    config = copy.deepcopy(config)
+    text = config.get_text_config(decoder=True)
+    text.sliding_window = None
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = ["full_attention" if t == "sliding_attention" else t for t in text.layer_types]
+    return config
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,7 +90,7 @@ class DecodeSession:
         self.device = next(model.parameters()).device
         self.groups = selection_groups(model)  # looked up once: a module walk per token would cost
         self.max_len = max_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache = StaticCache(config=_cache_config(model.config, max_len), max_cache_len=max_len)
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
