@@ -41,8 +41,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --device {args.device} but CUDA is not available")
 
 
-def calibration_settings(args: argparse.Namespace) -> dict:
-    return {"calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+def needs_calibration(method: str, bits: float) -> bool:
+    """RTN at 3 or 4 bits quantizes without data; everything else looks at calibration text."""
+    return method != "rtn" or bits == 3.5
+
+
+def quant_settings(args: argparse.Namespace, bits: float) -> dict:
+    """What the quantized weights depend on: recorded in quant_config, compared on a re-run."""
+    settings = {"method": args.method, "bits": bits, "group_size": args.group_size}
+    if needs_calibration(args.method, bits):
+        settings.update(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    return settings
 
 
 def load_calibration(args: argparse.Namespace, tokenizer, model=None) -> Calibration:

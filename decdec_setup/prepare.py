@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _cli import (Stages, add_calibration, add_device, calibration_settings, check_args, finish, run_cli,
-                  load_calibration)
+from _cli import (Stages, add_calibration, add_device, check_args, finish, load_calibration, quant_settings,
+                  run_cli)
 from decdec import artifacts
 from decdec.prepared import default_dtype, group_input_sizes
 from decdec.quantizers import (METHODS, build_cheatsheet, check_out_dir, check_quant_settings,
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     with stages("load original"):
         model, tokenizer, _ = load_original(args.model, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
     check_quant_settings(model, args.method, bits, args.group_size)
-    settings = {"method": args.method, "bits": bits, "group_size": args.group_size, **calibration_settings(args)}
+    settings = quant_settings(args, bits)
     with stages("calibration data"):
         calib = load_calibration(args, tokenizer, model)
     calibration = {**calib.describe(), "seed": args.seed}

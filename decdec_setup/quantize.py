@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _cli import Stages, add_calibration, add_device, calibration_settings, check_args, finish, load_calibration, run_cli
+from _cli import (Stages, add_calibration, add_device, check_args, finish, load_calibration, needs_calibration,
+                  quant_settings, run_cli)
 from decdec import artifacts
 from decdec.prepared import default_dtype
 from decdec.quantizers import METHODS, check_out_dir, check_quant_settings, parse_bits, quantize_to_dir
@@ -37,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer, _ = load_original(args.model, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
     check_quant_settings(model, args.method, bits, args.group_size)
     calib = None
-    if args.method != "rtn" or bits == 3.5:  # RTN at 3 or 4 bits needs no data
+    if needs_calibration(args.method, bits):
         with stages("calibration data"):
             calib = load_calibration(args, tokenizer, model)
-    settings = {"method": args.method, "bits": bits, "group_size": args.group_size, **calibration_settings(args)}
+    settings = quant_settings(args, bits)
     with stages("quantize"):
         qc = quantize_to_dir(model, tokenizer, args.model, args.out, method=args.method, bits=bits,
                              group_size=args.group_size, calib_ids=None if calib is None else calib.ids,
