@@ -111,8 +111,17 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
         n_tb_max = args.n_tb_max or torch.cuda.get_device_properties(device).multi_processor_count
     else:
         n_tb_max = args.n_tb_max or 1
-    table = tuning.measure_table(model, tuning.n_tb_grid(n_tb_max), k_grid_up_to(args.k_max),
-                                 cuda_graph=not args.eager)
+    grid, k_grid = tuning.n_tb_grid(n_tb_max), k_grid_up_to(args.k_max)
+    try:
+        table = tuning.measure_table(model, grid, k_grid, cuda_graph=not args.eager)
+    except RuntimeError as e:
+        if args.eager or device.type != "cuda":
+            raise
+        # a DEC path that cannot be captured still has a speed: time it eagerly, and say so
+        reason = str(e).splitlines()[0]
+        print(f"CUDA graph capture failed ({reason}); timing eager calls instead", file=sys.stderr)
+        info["timing"] = f"eager calls, CUDA events (graph capture failed: {reason})"
+        table = tuning.measure_table(model, grid, k_grid, cuda_graph=False)
     return table, info
 
 
