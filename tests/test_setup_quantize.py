@@ -73,11 +73,23 @@ def test_every_method_and_bit_width(tmp_path, method, bits):
     assert (full - ref).norm() < 0.5 * (base - ref).norm()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def mha_phi3():
+    """Phi-3 without grouped-query attention: o_proj's scale folds into the v rows of qkv_proj."""
+    import transformers
+    from helpers import TINY
+    config = transformers.Phi3Config(**{**TINY, "num_key_value_heads": TINY["num_attention_heads"]}, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "phi3-mha"])
 def test_awq_folding_keeps_the_function(tmp_path, arch):
     """The scaled weights with the folded norms and biases compute what the original computes."""
-    model = tiny_model(arch)
+    model = mha_phi3() if arch == "phi3-mha" else tiny_model(arch)
     qc, original, ids = prepare(model, tmp_path, "awq", 3)
+    folds = qc["extra"]["awq_folds"]
+    assert folds["down_proj"] is not None
+    assert (folds["o_proj"] == "self_attn.qkv_proj[128:]") == (arch == "phi3-mha")
     scales = load_file(str(tmp_path / AWQ_SCALES))
     assert scales, "AWQ found no scale to fold"
     folded = copy.deepcopy(original)
