@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster tokens)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.max_context < 2:
         p.error("--max-new-tokens must be positive and --max-context at least 2")
@@ -55,7 +56,8 @@ class Chat:
         self.model, self.tokenizer, self.args = model, tokenizer, args
         limit = getattr(model.config, "max_position_embeddings", None) or args.max_context
         self.session = DecodeSession(model, min(args.max_context, limit),
-                                     cuda_graph=torch.device(args.device).type == "cuda" and not args.no_cuda_graph)
+                                     cuda_graph=torch.device(args.device).type == "cuda" and not args.no_cuda_graph,
+                                     compile=args.compile)
         self.history: list[dict] = []
         self.templated = getattr(tokenizer, "chat_template", None) is not None
         self.mode_on = "decdec"

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--k-chunk", help="k_chunk for every kind (e.g. 8) or per kind (e.g. o_proj=4,down_proj=16)")
     g.add_argument("--no-decdec", action="store_true", help="plain quantized model (mode none)")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step before capturing it (fuses small kernels; compiles per setting)")
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench", action="store_true", help="time decoding with DecDEC off and on, against the roofline")
     b.add_argument("--tuned", type=Path, nargs="+", metavar="CONFIG",
@@ -230,7 +232,7 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     roof = 1e3 * quantized_roofline_bytes(model) / bw if bw else None
     configs = [("quantized, DecDEC off", [("none", k, n_tb) for _, k, n_tb in settings_of(model)], "")]
     configs += bench_settings(args, model)
-    sessions = [DecodeSession(model, max_len, cuda_graph=graph) for _ in configs]  # one graph per setting
+    sessions = [DecodeSession(model, max_len, cuda_graph=graph, compile=args.compile) for _ in configs]  # one graph per setting
     times: list[list[GenerationResult]] = [[] for _ in configs]
     for i in range(repeats + 1):  # the first round warms up (and captures the graphs)
         for j, (_, settings, _) in enumerate(configs):
@@ -323,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     graph = device.type == "cuda" and not args.no_cuda_graph
     tuned = (model_dir / decdec.artifacts.TUNING_CONFIG).is_file()
     result = {"model_dir": str(model_dir), "device": device_name(device), "dtype": str(next(model.parameters()).dtype),
+              "compile": args.compile,
               "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens, "tuned_config": tuned,
               "decdec": {g.kind: {"mode": g.mode, "k_chunk": g.k_chunk, "n_tb": g.n_tb}
                          for g in decdec.selection_groups(model)}}
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"memory growth over {mc['tokens']} tokens: "
                   + ", ".join(f"{k} {v:+.1f}" for k, v in mc["growth"].items()))
     else:
-        session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph)
+        session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph, compile=args.compile)
         result.update(run_generate(args, model, tokenizer, ids, session))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,13 @@ def test_other_architectures(arch, tmp_path):
     assert {type(layer).__name__ for layer in session.cache.layers} == {"StaticLayer"}
 
 
+@pytest.mark.slow
+def test_compiled_decode_step(prepared, prompt):
+    model = decdec.load_prepared(prepared, mode="exact", k_chunk=512)
+    plain = DecodeSession(model, 40).generate(prompt, 8).tokens
+    assert DecodeSession(model, 40, compile=True).generate(prompt, 8).tokens == plain
+
+
 def test_sampling_is_seeded(prepared, prompt):
     model = decdec.load_prepared(prepared, mode="none")
     session = DecodeSession(model, 64)
