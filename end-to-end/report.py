@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             bw = data.get("memory_bandwidth_GBps")
             print(f"\ndecode benchmark {path.name}: {data['model_dir']} on {data['device']}, batch 1, "
                   f"{data['prompt_tokens']} prompt + {data['max_new_tokens']} new tokens"
+                  + (", decode step torch.compile'd" if data.get("compile") else "")
                   + (f", measured memory bandwidth {bw:.0f} GB/s" if bw else ""))
             print(generate.bench_table(data["rows"]))
             if data.get("graph_errors"):
