@@ -101,6 +101,10 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
         if not decdec.cuda_available():
             raise SystemExit("the CUDA extension decdec._C is not built: the reference path's timings mean "
                              "nothing (pip install --no-build-isolation -e decdec_extension on a CUDA machine)")
+    missing = [f for f in (artifacts.CHEATSHEET, artifacts.THRESHOLDS) if not (args.model_dir / f).is_file()]
+    if missing:
+        raise SystemExit(f"{args.model_dir} lacks {', '.join(missing)}: DecDEC cannot run, so there is nothing to "
+                         f"measure (decdec_setup makes them)")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(f"loading {args.model_dir} on {device} ...", file=sys.stderr)
     model = decdec.load_prepared(args.model_dir, device, dtype=dtype, mode="decdec")
