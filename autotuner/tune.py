@@ -153,9 +153,13 @@ def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: floa
 
 def plot(path: Path, table: tuning.CostTable, result: tuning.TuneResult, target: float,
          bandwidth: dict | None, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
 
     n = len(table.workloads)
     cols = min(n, 2)

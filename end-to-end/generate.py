@@ -261,12 +261,14 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
 
 def memory_check(model, ids, n: int, graph: bool) -> dict:
     """Memory after a short generation and after one of ``n`` tokens, on the same session."""
-    import psutil
     device = next(model.parameters()).device
     session = DecodeSession(model, ids.shape[1] + n, cuda_graph=graph)
 
     def snapshot() -> dict:
-        snap = {"host_rss_MB": psutil.Process(os.getpid()).memory_info().rss / 2**20}
+        snap = {}
+        if os.path.exists("/proc/self/statm"):  # resident pages, Linux
+            pages = int(open("/proc/self/statm").read().split()[1])
+            snap["host_rss_MB"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             snap["cuda_allocated_MB"] = torch.cuda.memory_allocated(device) / 2**20
