@@ -157,6 +157,7 @@ def plot(path: Path, table: tuning.CostTable, result: tuning.TuneResult, target:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return
@@ -177,6 +178,10 @@ def plot(path: Path, table: tuning.CostTable, result: tuning.TuneResult, target:
         chosen = result.kinds[w.kind]
         ax.axvline(chosen["k_chunk"], color="green", linestyle="-", alpha=0.5, label=f"tuned k_chunk {chosen['k_chunk']}")
         ax.set_xscale("symlog", linthresh=4)
+        ax.set_xlim(0, 1.1 * table.k_grid[-1])
+        ax.set_xticks([k for k in (0, 1, 2, 4, 8, 16, 32, 64, 128) if k <= table.k_grid[-1]])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_ylim(0.95, min(tuning.STOP_ABOVE, ax.get_ylim()[1]))
         ax.set_title(f"{w.kind} ({w.bits}-bit, {' + '.join(f'{i}x{o}' for i, o in w.shapes)})", fontsize=9)
         ax.set_xlabel("k_chunk")
