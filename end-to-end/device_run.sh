@@ -5,7 +5,11 @@
 # (pip install --no-build-isolation -e decdec_extension, which builds decdec._C):
 #
 #   bash end-to-end/device_run.sh                 # everything (about 5-8 minutes on an H100)
-#   STAGES="tests build tune" bash end-to-end/device_run.sh   # a subset, e.g. to split it over two calls
+#   STAGES="tests build tune" bash end-to-end/device_run.sh   # a subset, e.g. to split it over two calls:
+#   STAGES="bench report" bash end-to-end/device_run.sh       # ... the second one (same machine, still warm)
+#
+# Results (JSON, logs, plot) accumulate in $RES, which outlives one call, and are copied to $OUT
+# at the end of every call; the report covers everything in $RES.
 #
 # Stages (in order):
 #   tests   pytest -m gpu of the tune/e2e tests (CUDA-graph decode vs eager, DecDEC off and on)
@@ -21,11 +25,13 @@
 # Without the compiled extension it runs in reference mode: tests and tuning are skipped and the
 # benchmark times the CUDA-graph loop with DecDEC off only.
 #
-# Settings (environment): OUT (results, default $OUT or ./device_out), SYN (synthetic model dir),
-# SHAPE (llama-3-8b), BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), STAGES.
+# Settings (environment): OUT (where results are copied, default ./device_out), RES (working
+# results, default /tmp/decdec-device-results), SYN (synthetic model dir), SHAPE (llama-3-8b),
+# BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), STAGES.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
+RES=${RES:-/tmp/decdec-device-results}
 SHAPE=${SHAPE:-llama-3-8b}
 BITS=${BITS:-3}
 SYN=${SYN:-/tmp/decdec-synthetic/$SHAPE-${BITS}bit}
@@ -33,24 +39,24 @@ NEW_TOKENS=${NEW_TOKENS:-256}
 MEM_TOKENS=${MEM_TOKENS:-10000}
 STAGES=${STAGES:-tests build tune bench report}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT/logs"
+mkdir -p "$RES/logs"
 declare -a SUMMARY=()
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
-# run_stage NAME COMMAND...: output to $OUT/logs/NAME.log; one status line; the log tail on failure
+# run_stage NAME COMMAND...: output to $RES/logs/NAME.log; one status line; the log tail on failure
 run_stage() {
   local name=$1; shift
   local start=$SECONDS
   echo "[$(date -u +%H:%M:%S)] $name: $*" >&2
-  "$@" >"$OUT/logs/$name.log" 2>&1
+  "$@" >"$RES/logs/$name.log" 2>&1
   local rc=$?
   local line="$name: rc=$rc, $((SECONDS - start)) s"
   SUMMARY+=("$line")
   echo "  -> $line" >&2
   if [[ $rc -ne 0 ]]; then
-    echo "----- tail of $OUT/logs/$name.log -----" >&2
-    tail -n 25 "$OUT/logs/$name.log" | tr '\r' '\n' | tail -n 25 >&2
+    echo "----- tail of $RES/logs/$name.log -----" >&2
+    tail -n 25 "$RES/logs/$name.log" | tr '\r' '\n' | tail -n 25 >&2
   fi
   return $rc
 }
@@ -77,55 +83,56 @@ print(ensure_synthetic_model('$SYN', '$SHAPE', $BITS, device='cuda'))"
 fi
 
 if want tune && [[ $EXT == 1 ]]; then
-  rm -f "$OUT"/tune_*.json
+  rm -f "$RES"/tune_*.json
   if run_stage tune_2.5 python autotuner/tune.py --model-dir "$SYN" --target-slowdown 2.5 \
-      --plot "$OUT/tune_${SHAPE}_${BITS}bit.png" --json "$OUT/tune_2.5.json"; then
+      --plot "$RES/tune_${SHAPE}_${BITS}bit.png" --json "$RES/tune_2.5.json"; then
     for target in 5 10; do
       run_stage "tune_$target" python autotuner/tune.py --model-dir "$SYN" --target-slowdown "$target" \
-        --table "$SYN/decdec_config.json" --no-write --json "$OUT/tune_$target.json"
+        --table "$SYN/decdec_config.json" --no-write --json "$RES/tune_$target.json"
     done
     # the analytic model with this GPU's measured bandwidths, for comparison with the measurement
     read -r MEM PCIE SMS < <(python -c "
 import json, torch
-d = json.load(open('$OUT/tune_2.5.json'))
+d = json.load(open('$RES/tune_2.5.json'))
 print(d['bandwidth_GBps']['memory'], d['bandwidth_GBps']['pcie'], torch.cuda.get_device_properties(0).multi_processor_count)")
     run_stage tune_dry python autotuner/tune.py --model-dir "$SYN" --target-slowdown 2.5 --dry-run \
-      --mem-bw "$MEM" --pcie-bw "$PCIE" --sms "$SMS" --no-write --json "$OUT/tune_dry_2.5.json"
+      --mem-bw "$MEM" --pcie-bw "$PCIE" --sms "$SMS" --no-write --json "$RES/tune_dry_2.5.json"
   fi
 fi
 
 if want bench; then
   if [[ $EXT == 1 ]]; then
-    TUNED=$(ls "$OUT"/tune_2.5.json "$OUT"/tune_5.json "$OUT"/tune_10.json 2>/dev/null | tr '\n' ' ')
+    TUNED=$(ls "$RES"/tune_2.5.json "$RES"/tune_5.json "$RES"/tune_10.json 2>/dev/null | tr '\n' ' ')
     if [[ -n "$TUNED" ]]; then
       # shellcheck disable=SC2086
       run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --tuned $TUNED --fp16-contrast \
-        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench.json"
+        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
     else
       run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --k-chunk 8 --fp16-contrast \
-        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench.json"
+        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
     fi
   else
     run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --no-decdec --fp16-contrast \
-      --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench.json"
+      --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
   fi
 fi
 
 if want bench_compiled; then
-  if [[ -f "$OUT/tune_2.5.json" ]]; then
-    run_stage bench_compiled python end-to-end/generate.py --model-dir "$SYN" --bench --tuned "$OUT/tune_2.5.json" \
-      --compile --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench_compiled.json"
+  if [[ -f "$RES/tune_2.5.json" ]]; then
+    run_stage bench_compiled python end-to-end/generate.py --model-dir "$SYN" --bench --tuned "$RES/tune_2.5.json" \
+      --compile --max-new-tokens "$NEW_TOKENS" --json "$RES/bench_compiled.json"
   else
     run_stage bench_compiled python end-to-end/generate.py --model-dir "$SYN" --bench --no-decdec --compile \
-      --max-new-tokens "$NEW_TOKENS" --json "$OUT/bench_compiled.json"
+      --max-new-tokens "$NEW_TOKENS" --json "$RES/bench_compiled.json"
   fi
 fi
 
 echo
 echo "===== stages ====="
-printf '%s\n' "${SUMMARY[@]}"
+printf '%s\n' ${SUMMARY[@]+"${SUMMARY[@]}"}
+mkdir -p "$OUT" && cp -r "$RES"/. "$OUT"/
 if want report; then
-  echo "===== results (JSON and logs in $OUT) ====="
-  python end-to-end/report.py "$OUT"/tune_*.json "$OUT"/bench*.json 2>/dev/null \
+  echo "===== results (JSON, logs and plot also in $OUT) ====="
+  python end-to-end/report.py "$RES"/tune_*.json "$RES"/bench*.json 2>/dev/null \
     || echo "(no results to report)"
 fi
