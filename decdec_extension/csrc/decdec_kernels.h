@@ -1,0 +1,69 @@
+// Torch-free launch API of the DecDEC CUDA kernels (implemented in kernels.cu).
+//
+// GPU weight layout (made once by decdec/kernels.py from the canonical packed layout):
+// the weight [N, K] is cut into tiles of 16 output rows x 256 input channels, padded with code 0.
+// Tile (rt, kt) is stored at qweight + (rt * KT + kt) * 32 * WORDS, as WORDS / 4 loads of 16 bytes
+// per lane ("load j of lane l" at word ((j * 32) + l) * 4), so that one warp reads a tile with
+// WORDS / 4 fully coalesced 512-byte loads. Lane l = 4 g + t holds, for each of the 16 k-steps s of
+// the tile, the 8 codes of its mma.m16n8k16 A fragment: element e = e0 + 2 rh + 4 kh is
+// (row 16 rt + g + 8 rh, channel 256 kt + 16 s + 8 kh + 2 t + e0).
+// - 4 bits (WORDS = 16): word s; e = 2i + h sits at bits [4 i + 16 h, +4).
+// - 3 bits (WORDS = 12): words 0..7 hold the low two bits, word m covering k-steps 2m, 2m+1
+//   (k-step s = 2m + q: e = 2i + h at bits [8 q + 2 i + 16 h, +2)); words 8..11 hold the third
+//   bit, word 8 + m covering k-steps 4m..4m+3 (s = 4m + q: e = 2i + h at bit 4 q + i + 16 h).
+// Uniform meta: uint32 [n_groups, Npad], fp16 scale bits | zero << 16.
+// LUT meta: fp16 [Npad, 2^bits].
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace decdec {
+
+constexpr int kTileRows = 16;
+constexpr int kTileK = 256;
+constexpr int kMaxBatch = 8;
+constexpr int kChunk = 1024;
+constexpr int kMaxStageBytes = 160 * 1024;  // x of the tokens of one launch, staged in shared memory
+
+enum Format : int { kUniform = 0, kLUT = 1 };
+enum DType : int { kHalf = 0, kBFloat16 = 1 };
+
+struct GemvParams {
+  // base GEMV
+  const void* x;        // [B, K] activations (dtype)
+  void* out;            // [B, N] (dtype)
+  const void* bias;     // [N] (dtype) or nullptr
+  const void* qweight;  // GPU layout (16-byte aligned)
+  const void* meta;     // uniform: uint32 [groups, Npad]; LUT: fp16 [Npad, 2^bits]
+  int fmt, bits, dtype, group_size;
+  int N, K, B;
+  // DEC (n_tb == 0: none)
+  int n_tb;
+  const float* envelope;     // [K] fp32, used when channels == nullptr
+  int k_chunk;               // selection setting, used when channels == nullptr
+  int k_total;               // selected channels per token
+  const int64_t* channels;   // [B, k_total] given selection, or nullptr (select on the GPU)
+  const uint8_t* residual;   // mapped pinned host memory [K, res_stride] (device-visible pointer)
+  int64_t res_stride;        // bytes per residual row, a multiple of 16
+  const void* res_scales;    // fp16 [N] on the device
+  float* work;               // fp32 [2, B, res_stride * 2]: base and correction before the merge
+  int* counters;             // int32 [ceil(N / 16)], zero between calls (each call leaves them zero)
+};
+
+int padded_rows(int N);
+int k_tiles(int K);
+int tile_words(int bits);
+// Dynamic shared memory the launch needs (for the sizes in p).
+size_t gemv_smem_bytes(const GemvParams& p);
+
+// Tokens one launch takes for in_features K (x is staged in shared memory); 0 when K is too large.
+int max_stage_batch(int K);
+// Requires 1 <= B <= max_stage_batch(K).
+cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream);
+cudaError_t launch_dequantize(const void* qweight, const void* meta, int fmt, int bits, int dtype, int group_size,
+                              int N, int K, void* out, cudaStream_t stream);
+// out int64 [T, k_total]: DecDEC selection of every token (DESIGN.md), ascending per token.
+cudaError_t launch_select(const void* x, int dtype, int T, int K, const float* envelope, int k_chunk, int k_total,
+                          int64_t* out, cudaStream_t stream);
+
+}  // namespace decdec

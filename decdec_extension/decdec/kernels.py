@@ -1,0 +1,187 @@
+"""The CUDA path of :class:`decdec.DecDECLinear`: GPU weight layout, pinned residual, forward.
+
+The canonical (on-disk, CPU) formats of ``formats.py`` and ``residual.py`` are converted once,
+when a layer first runs on a CUDA device:
+- the quantized weight into tiles of 16 output rows x 256 input channels laid out as the
+  mma.m16n8k16 A fragments of each lane (``csrc/decdec_kernels.h`` gives the exact layout), padded
+  with code 0, plus its meta (uniform: scale | zero << 16 per group and row; LUT: the tables);
+- the residual rows into pinned, mapped host memory with rows padded to 16 bytes, which the DEC
+  thread blocks read directly (zero-copy); the module's ResidualPack is replaced by a view of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .formats import LUTWeight, QuantizedWeight, UniformWeight, unpack_codes
+from .residual import ResidualPack
+
+TILE_ROWS, TILE_K = 16, 256
+DEFAULT_N_TB = 8  # DEC thread blocks when the tuned config gives none
+
+
+@dataclass
+class GPUWeight:
+    qweight: Tensor  # int32, the tiled layout
+    meta: Tensor  # uniform: int32 [groups, Npad]; LUT: fp16 [Npad, 2**bits]
+    fmt: int
+    bits: int
+    group_size: int
+    out_features: int
+    in_features: int
+
+    def gemv(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return ops.gemv(x, self.qweight, self.meta, bias, self.fmt, self.bits, self.group_size, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        return ops.dequantize(self.qweight, self.meta, self.fmt, self.bits, self.group_size, self.out_features,
+                              self.in_features, dtype)
+
+
+@dataclass
+class GPUResidual:
+    host: Tensor  # uint8 [in, stride] pinned + mapped; keeps the memory alive
+    ptr: int  # its device-visible address (a plain int, so torch.compile traces no data_ptr())
+    stride: int  # bytes per row, a multiple of 16
+    scales: Tensor  # fp16 [out] on the device
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """int64 holding uint32 values -> int32 with the same bits."""
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def tile_codes(codes: Tensor) -> Tensor:
+    """uint8 codes [N, K] -> int64 [RT, KT, 32 lanes, 16 k-steps, 8 elements] in fragment order."""
+    n, k = codes.shape
+    npad, kpad = _round_up(n, TILE_ROWS), _round_up(k, TILE_K)
+    padded = torch.zeros(npad, kpad, dtype=torch.int64, device=codes.device)
+    padded[:n, :k] = codes.to(torch.int64)
+    # row = 16 rt + 8 rh + g; channel = 256 kt + 16 s + 8 kh + 2 t + e0; element e = e0 + 2 rh + 4 kh
+    v = padded.view(npad // TILE_ROWS, 2, 8, kpad // TILE_K, 16, 2, 4, 2)
+    v = v.permute(0, 3, 2, 6, 4, 5, 1, 7)  # rt, kt, g, t, s, kh, rh, e0
+    return v.reshape(npad // TILE_ROWS, kpad // TILE_K, 32, 16, 8)
+
+
+def pack_tiles(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes [N, K] -> int32 GPU layout (see ``csrc/decdec_kernels.h``)."""
+    c = tile_codes(codes)
+    i = torch.arange(4, device=c.device)
+    lo_e, hi_e = c[..., 0::2], c[..., 1::2]  # [..., s, i]: e = 2i and e = 2i + 1
+    if bits == 4:
+        words = ((lo_e << (4 * i)) | (hi_e << (16 + 4 * i))).sum(-1)  # [..., 16]: word s (disjoint bits)
+    else:
+        q2 = torch.arange(2, device=c.device).view(2, 1)
+        low = ((lo_e & 3) << (2 * i)) | ((hi_e & 3) << (16 + 2 * i))  # [..., s, i]
+        low = (low.view(*low.shape[:-2], 8, 2, 4) << (8 * q2)).sum((-1, -2))  # [..., 8]: s = 2m + q
+        q4 = torch.arange(4, device=c.device).view(4, 1)
+        high = ((lo_e >> 2) << i) | ((hi_e >> 2) << (16 + i))
+        high = (high.view(*high.shape[:-2], 4, 4, 4) << (4 * q4)).sum((-1, -2))  # [..., 4]: s = 4m + q
+        words = torch.cat([low, high], dim=-1)  # [..., 12]
+    rt, kt, lanes, nw = words.shape
+    # load j of lane l = words 4j..4j+3, stored lane-contiguous per load
+    words = words.view(rt, kt, lanes, nw // 4, 4).permute(0, 1, 3, 2, 4)
+    return _to_int32(words.contiguous().view(-1))
+
+
+def to_gpu_weight(weight: QuantizedWeight, device: torch.device) -> GPUWeight:
+    """One-time conversion of a canonical quantized weight to the GPU layout on ``device``."""
+    weight = weight.to(device)
+    n, k = weight.out_features, weight.in_features
+    npad = _round_up(n, TILE_ROWS)
+    codes = unpack_codes(weight.packed, weight.bits, k)
+    qweight = pack_tiles(codes, weight.bits)
+    if isinstance(weight, UniformWeight):
+        if weight.group_size % 16:
+            raise ValueError(f"the CUDA kernels need a group size that is a multiple of 16, got {weight.group_size}")
+        scale_bits = weight.scales.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+        packed = scale_bits | (weight.zeros.to(torch.int64) << 16)  # [N, G]
+        meta = torch.zeros(packed.shape[1], npad, dtype=torch.int64, device=device)
+        meta[:, :n] = packed.t()
+        return GPUWeight(qweight, _to_int32(meta), ops.FORMAT_IDS["uniform"], weight.bits, weight.group_size, n, k)
+    if isinstance(weight, LUTWeight):
+        meta = torch.zeros(npad, 1 << weight.bits, dtype=torch.float16, device=device)
+        meta[:n] = weight.lut.half()
+        return GPUWeight(qweight, meta, ops.FORMAT_IDS["lut"], weight.bits, 0, n, k)
+    raise TypeError(f"no GPU layout for {type(weight).__name__}")
+
+
+def pin_residual(pack: ResidualPack, device: torch.device) -> tuple[GPUResidual, ResidualPack]:
+    """Copies the residual rows into pinned mapped memory (rows padded to 16 bytes); returns the GPU
+    handle and a ResidualPack viewing the same memory (for the reference path), so the host keeps
+    one copy."""
+    pack.validate()
+    rows, row_bytes = pack.packed.shape
+    stride = _round_up(row_bytes, 16)
+    host = ops.alloc_pinned(rows * stride).view(rows, stride)
+    host.fill_(0x88)  # nibble 8 = residual 0 in the padding
+    host[:, :row_bytes] = pack.packed.cpu()
+    scales = pack.scales.to(device=device, dtype=torch.float16)
+    view = ResidualPack(host[:, :row_bytes], pack.scales.cpu())
+    return GPUResidual(host, host.data_ptr(), stride, scales), view
+
+
+@dataclass
+class GPUState:
+    """What a DecDECLinear keeps on one CUDA device."""
+    device: torch.device
+    weight: GPUWeight
+    residual: GPUResidual | None
+    counters: Tensor | None  # int32 [ceil(N / 16)], zero between calls
+
+
+def supports(module, x: Tensor) -> bool:
+    """Whether the CUDA path can run this layer on this input."""
+    if not (x.is_cuda and ops.available() and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    meta = module.weight_meta
+    return meta["format"] == "lut" or meta["group_size"] % 16 == 0
+
+
+def state_for(module, device: torch.device) -> GPUState:
+    state = module._gpu
+    if state is None or state.device != device:
+        weight = to_gpu_weight(module.quantized_weight, device)
+        residual, counters = None, None
+        if module.residual is not None:
+            residual, module.residual = pin_residual(module.residual, device)
+            counters = torch.zeros(-(-module.out_features // TILE_ROWS), dtype=torch.int32, device=device)
+        state = module._gpu = GPUState(device, weight, residual, counters)
+    return state
+
+
+def forward(module, x: Tensor) -> Tensor | None:
+    """DecDECLinear.forward on CUDA; None when the reference path must run instead (compensated
+    inputs of more than 8 tokens, which the reference handles in decode-equivalent evaluation)."""
+    state = state_for(module, x.device)
+    group = module.selection
+    bias = module.bias if module.bias is None else module.bias.to(x.dtype)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    tokens = x2.shape[0]
+    compensate = (state.residual is not None and group is not None and group.active
+                  and not (group.is_prefill(x) and not group.compensate_prefill))
+    if not compensate:
+        if tokens <= ops.MAX_TOKENS:
+            out = state.weight.gemv(x2, bias)
+        else:  # prefill: dequantize once per call and use cuBLAS
+            out = F.linear(x2, state.weight.dequantize(x.dtype), bias)
+        return out.view(*lead, module.out_features)
+    if tokens > ops.MAX_TOKENS:
+        return None
+    channels = None
+    if group.mode != "decdec":
+        channels = group.select(x).reshape(tokens, -1).contiguous()
+    envelope = group.envelope if group.envelope is not None else x2.new_zeros(k, dtype=torch.float32)
+    w, r = state.weight, state.residual
+    out = ops.gemv_dec(x2, w.qweight, w.meta, bias, w.fmt, w.bits, w.group_size, w.out_features, envelope, channels,
+                       group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB, state.counters)
+    return out.view(*lead, module.out_features)

@@ -1,0 +1,115 @@
+"""The DecDEC custom ops, ``torch.ops.decdec.*``: schemas and fake implementations.
+
+The schemas and fakes are defined here, in Python, so that they exist (and ``torch.compile`` can
+trace them) whether or not the CUDA extension ``decdec._C`` is built; the extension registers the
+CUDA implementations. Call :func:`available` before running them. Weights are in the GPU layout of
+``decdec.kernels`` (see ``csrc/decdec_kernels.h``).
+
+- ``gemv(x [B, K], qweight, meta, bias?, fmt, bits, group_size, out_features) -> [B, N]``: the
+  quantized GEMV for 1..8 tokens, fp32 accumulation, output in x's dtype.
+- ``gemv_dec(..., envelope, channels?, k_chunk, residual_ptr, residual_stride, residual_scales,
+  n_tb, counters) -> [B, N]``: the same plus DecDEC's compensation in one launch: each token selects
+  its channels (or takes ``channels`` [B, k]), the selected residual rows are read from pinned host
+  memory at ``residual_ptr`` (a device-visible address; the caller keeps the memory alive), and
+  out = (base + correction) + bias is rounded once. ``counters`` is a zeroed int32 [ceil(N / 16)]
+  workspace owned by the layer; every call leaves it zeroed, so the op is functional.
+- ``select_channels(x [T, K], envelope, k_chunk) -> int64 [T, k]``: DecDEC's selection, identical
+  to :func:`decdec.select_channels`.
+- ``dequantize(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype) -> [N, K]``:
+  the dense weight (prefill path), equal to ``weight.dequantize().to(dtype)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .selection import CHUNK_SIZE, num_selected
+
+FORMAT_IDS = {"uniform": 0, "lut": 1}
+MAX_TOKENS = 8  # rows of x the GEMV takes in one call
+
+_lib = torch.library.Library("decdec", "DEF")
+_lib.define("gemv(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int fmt, int bits, int group_size, "
+            "int out_features) -> Tensor")
+_lib.define("gemv_dec(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int fmt, int bits, int group_size, "
+            "int out_features, Tensor envelope, Tensor? channels, int k_chunk, int residual_ptr, "
+            "int residual_stride, Tensor residual_scales, int n_tb, Tensor counters) -> Tensor")
+_lib.define("select_channels(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
+_lib.define("dequantize(Tensor qweight, Tensor meta, int fmt, int bits, int group_size, int out_features, "
+            "int in_features, ScalarType dtype) -> Tensor")
+
+
+@torch.library.register_fake("decdec::gemv")
+def _gemv_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features):
+    torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.register_fake("decdec::gemv_dec")
+def _gemv_dec_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, envelope, channels, k_chunk,
+                   residual_ptr, residual_stride, residual_scales, n_tb, counters):
+    torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.register_fake("decdec::select_channels")
+def _select_fake(x, envelope, k_chunk):
+    torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], num_selected(x.shape[1], k_chunk, CHUNK_SIZE), dtype=torch.int64)
+
+
+@torch.library.register_fake("decdec::dequantize")
+def _dequantize_fake(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype):
+    return qweight.new_empty(out_features, in_features, dtype=dtype)
+
+
+def _load_extension() -> bool:
+    try:
+        from . import _C  # noqa: F401  (registers the CUDA implementations)
+    except ImportError:
+        return False
+    return True
+
+
+_EXTENSION = _load_extension()
+
+
+def available() -> bool:
+    """True when the CUDA implementations are registered and a CUDA device is present."""
+    return _EXTENSION and torch.cuda.is_available()
+
+
+def require() -> None:
+    if not _EXTENSION:
+        raise RuntimeError("the DecDEC CUDA extension decdec._C is not built: reinstall with "
+                           "`pip install --no-build-isolation -e decdec_extension` on a machine with CUDA and nvcc")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the DecDEC CUDA ops need a CUDA device")
+
+
+def alloc_pinned(nbytes: int) -> Tensor:
+    """uint8 [nbytes] in pinned, mapped host memory (the GPU reads it at ``data_ptr()``)."""
+    require()
+    from . import _C
+    return _C.alloc_pinned(nbytes)
+
+
+def gemv(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int, bits: int, group_size: int,
+         out_features: int) -> Tensor:
+    return torch.ops.decdec.gemv(x, qweight, meta, bias, fmt, bits, group_size, out_features)
+
+
+def gemv_dec(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int, bits: int, group_size: int,
+             out_features: int, envelope: Tensor, channels: Tensor | None, k_chunk: int, residual_ptr: int,
+             residual_stride: int, residual_scales: Tensor, n_tb: int, counters: Tensor) -> Tensor:
+    return torch.ops.decdec.gemv_dec(x, qweight, meta, bias, fmt, bits, group_size, out_features, envelope, channels,
+                                     k_chunk, residual_ptr, residual_stride, residual_scales, n_tb, counters)
+
+
+def select_channels(x: Tensor, envelope: Tensor, k_chunk: int) -> Tensor:
+    return torch.ops.decdec.select_channels(x, envelope, k_chunk)
+
+
+def dequantize(qweight: Tensor, meta: Tensor, fmt: int, bits: int, group_size: int, out_features: int,
+               in_features: int, dtype: torch.dtype) -> Tensor:
+    return torch.ops.decdec.dequantize(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype)

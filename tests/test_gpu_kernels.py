@@ -1,0 +1,251 @@
+"""GPU tests of the CUDA kernels against the reference path (skipped without CUDA + decdec._C).
+
+Fresh random inputs per case; outputs poisoned before each run (the caching allocator hands the
+op the block we just filled with NaN); selections compared with the CPU reference bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decdec
+from decdec import kernels, ops
+from decdec.formats import LUTWeight, UniformWeight
+from decdec.linear import DecDECLinear, SelectionGroup
+from decdec.residual import quantize_residual, residual_correction
+from decdec.selection import bucket_edges, rank_envelope, select_channels
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def poison(shape, dtype):
+    """Leaves a NaN-filled block of exactly this size at the top of the allocator's cache."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    p = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    del p
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert not out.isnan().any(), "unwritten (poisoned) or NaN outputs"
+    return ((out - ref).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def make_weight(fmt: str, bits: int, n: int, k: int, group_size: int = 128, zero_lut: bool = False):
+    if fmt == "uniform":
+        return UniformWeight.quantize(torch.randn(n, k), bits, min(group_size, k))
+    lut = torch.zeros(n, 1 << bits) if zero_lut else torch.randn(n, 1 << bits)
+    return LUTWeight.from_codes(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8), lut, bits)
+
+
+SHAPES = [(40, 576), (200, 1000), (48, 301), (1536, 576), (1000, 4096)]
+
+
+@pytest.mark.parametrize("fmt", ["uniform", "lut"])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_matches_reference(fmt, bits, dtype):
+    for n, k in SHAPES:
+        gs = 32 if k == 301 else 128
+        q = make_weight(fmt, bits, n, k, gs)
+        gw = kernels.to_gpu_weight(q, DEV)
+        dense = q.dequantize().to(DEV)
+        for batch in (1, 3, 8):
+            x = torch.randn(batch, k, device=DEV).to(dtype)
+            bias = torch.randn(n, device=DEV).to(dtype) if batch == 3 else None
+            ref = x.float() @ dense.t() + (bias.float() if bias is not None else 0)
+            poison((batch, n), dtype)
+            out = gw.gemv(x, bias)
+            assert out.shape == (batch, n) and out.dtype == dtype
+            err = rel_err(out, ref)
+            assert err < TOL[dtype], (n, k, batch, err)
+
+
+@pytest.mark.parametrize("fmt", ["uniform", "lut"])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_is_exact(fmt, bits, dtype):
+    q = make_weight(fmt, bits, 200, 1000)
+    gw = kernels.to_gpu_weight(q, DEV)
+    poison((200, 1000), dtype)
+    assert torch.equal(gw.dequantize(dtype).cpu(), q.dequantize().to(dtype))
+
+
+def special_inputs(tokens: int, k: int, env: torch.Tensor, dtype) -> torch.Tensor:
+    """Random activations with ties, zeros, NaN, values above the calibration maximum and values
+    exactly on bucket edges."""
+    x = torch.randn(tokens, k)
+    x[0, ::7] = 0.0
+    x[1 % tokens, ::5] = torch.randint(-2, 3, (len(range(0, k, 5)),)).float() * 0.5  # ties
+    x[-1, 3::11] = float("nan")
+    x[0, 1::13] = env[0] * 4
+    edges = bucket_edges(env[0], env[min(k, 64) - 1])
+    x[-1, 2::17] = edges[torch.randint(0, 32, (len(range(2, k, 17)),))]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [576, 1024, 2600, 4096])
+def test_selection_identical_to_reference(dtype, k):
+    env = rank_envelope(torch.randn(64, k) * torch.rand(k) * 3)
+    x = special_inputs(5, k, env, dtype)
+    for k_chunk in (0, 1, 3, 8, 64, 500, 1023, 1024):
+        ref = select_channels(x, k_chunk, env)
+        got = ops.select_channels(x.to(DEV), env.to(DEV), k_chunk)
+        assert torch.equal(got.cpu(), ref), (k, k_chunk)
+
+
+def test_selection_with_degenerate_envelopes():
+    k = 1500
+    x = torch.randn(3, k).half()
+    for env in (torch.zeros(k), torch.full((k,), 0.5), torch.linspace(3, 0, k)):
+        for k_chunk in (1, 16, 1024):
+            ref = select_channels(x, k_chunk, env)
+            assert torch.equal(ops.select_channels(x.to(DEV), env.to(DEV), k_chunk).cpu(), ref)
+
+
+class Layer:
+    """One quantized linear with its residual, on the GPU, plus the reference computation."""
+
+    def __init__(self, fmt: str, bits: int, n: int, k: int, zero_base: bool = False, bias: bool = True):
+        w = torch.randn(n, k)
+        self.q = make_weight(fmt, bits, n, k, zero_lut=zero_base)
+        base = self.q.dequantize()
+        self.pack = quantize_residual(w - base if not zero_base else w * 0.1)
+        self.dense = base.to(DEV)
+        self.gw = kernels.to_gpu_weight(self.q, DEV)
+        self.res, self.pack = kernels.pin_residual(self.pack, DEV)
+        self.counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=DEV)
+        self.env = rank_envelope(torch.randn(128, k) * (torch.rand(k) * 2 + 0.1))
+        self.env_dev = self.env.to(DEV)
+        self.bias = torch.randn(n) if bias else None
+        # on the device beforehand: no host copy may happen inside a graph capture
+        self.bias_dev = {dt: self.bias.to(DEV, dt) for dt in (torch.float16, torch.bfloat16)} if bias else None
+        self.n, self.k = n, k
+
+    def run(self, x: torch.Tensor, k_chunk: int, n_tb: int = 8, channels: torch.Tensor | None = None):
+        g, r = self.gw, self.res
+        bias = None if self.bias is None else self.bias_dev[x.dtype]
+        return ops.gemv_dec(x, g.qweight, g.meta, bias, g.fmt, g.bits, g.group_size, g.out_features, self.env_dev,
+                            channels, k_chunk, r.ptr, r.stride, r.scales, n_tb, self.counters)
+
+    def reference(self, x: torch.Tensor, k_chunk: int) -> torch.Tensor:
+        xc = x.cpu()
+        channels = select_channels(xc, k_chunk, self.env)
+        out = x.float().cpu() @ self.dense.cpu().t() + residual_correction(xc.float(), channels, self.pack)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype).float()
+        return out
+
+
+@pytest.mark.parametrize("fmt,bits", [("uniform", 3), ("uniform", 4), ("lut", 3), ("lut", 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_dec_matches_reference(fmt, bits, dtype):
+    for n, k in [(200, 1000), (1536, 2600), (96, 576)]:
+        layer = Layer(fmt, bits, n, k)
+        for batch in (1, 4, 8):
+            x = torch.randn(batch, k, device=DEV).to(dtype)
+            for k_chunk, n_tb in ((0, 8), (1, 1), (8, 3), (64, 16), (1024, 8)):
+                poison((batch, n), dtype)
+                out = layer.run(x, k_chunk, n_tb)
+                err = rel_err(out, layer.reference(x, k_chunk))
+                assert err < TOL[dtype], (n, k, batch, k_chunk, n_tb, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_correction_alone(dtype):
+    """A zero base weight leaves only the correction: a sharp check of selection, fetch and product,
+    each token with its own selection."""
+    layer = Layer("lut", 4, 520, 2600, zero_base=True, bias=False)
+    x = special_inputs(6, 2600, layer.env, torch.float32).nan_to_num(0.0).to(DEV, dtype)
+    for k_chunk in (1, 5, 32, 1024):
+        out = layer.run(x, k_chunk, n_tb=7)
+        err = rel_err(out, layer.reference(x, k_chunk))
+        assert err < TOL[dtype], (k_chunk, err)
+        # given channels (the other selection modes) take the same path
+        chans = select_channels(x.cpu(), k_chunk, layer.env).to(DEV)
+        assert torch.equal(layer.run(x, k_chunk, n_tb=7, channels=chans), out)
+
+
+def test_repeated_runs_are_bitwise_identical():
+    layer = Layer("uniform", 3, 4096, 4096)
+    x = torch.randn(4, 4096, device=DEV).half()
+    first = layer.run(x, 16, n_tb=16)
+    for _ in range(100):
+        assert torch.equal(layer.run(x, 16, n_tb=16), first)
+    assert torch.equal(layer.counters, torch.zeros_like(layer.counters))
+
+
+def test_cuda_graph_capture_and_replay():
+    layer = Layer("uniform", 4, 1000, 4096)
+    x = torch.randn(2, 4096, device=DEV).half()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer.run(x, 8)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer.run(x, 8)
+        base = layer.gw.gemv(x, None)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, layer.run(x, 8))
+        assert torch.equal(base, layer.gw.gemv(x, None))
+
+
+def test_torch_compile():
+    layer = Layer("lut", 3, 256, 1024)
+    x = torch.randn(1, 1024, device=DEV).half()
+    fn = torch.compile(lambda x: layer.run(x * 2, 8) + 1, fullgraph=True)
+    assert torch.equal(fn(x), layer.run(x * 2, 8) + 1)
+
+
+def test_argument_checks_raise():
+    layer = Layer("uniform", 3, 64, 576)
+    g = layer.gw
+    x = torch.randn(1, 576, device=DEV).half()
+    bad = [
+        (x.float(), "float16 or bfloat16"),
+        (x.cpu(), "CUDA"),
+        (torch.randn(9, 576, device=DEV).half(), "1..8"),
+        (torch.randn(1, 575, device=DEV).half(), "qweight"),
+        (torch.randn(576, 2, device=DEV).half().t(), "contiguous"),
+    ]
+    for xb, msg in bad:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=msg):
+            g.gemv(xb, None)
+    with pytest.raises((RuntimeError, ValueError), match="bias"):
+        g.gemv(x, torch.zeros(65, device=DEV).half())
+    with pytest.raises((RuntimeError, ValueError), match="k_chunk"):
+        layer.run(x, 1025)
+    with pytest.raises((RuntimeError, ValueError), match="n_tb"):
+        layer.run(x, 8, n_tb=0)
+    with pytest.raises((RuntimeError, ValueError), match="qweight"):
+        ops.gemv(x, g.qweight[:-1], g.meta, None, g.fmt, g.bits, g.group_size, g.out_features)
+
+
+@pytest.mark.parametrize("mode", ["decdec", "exact", "none"])
+def test_decdec_linear_uses_kernels(mode):
+    n, k = 300, 2100
+    w = torch.randn(n, k)
+    q = UniformWeight.quantize(w, 3, 128)
+    env = rank_envelope(torch.randn(64, k))
+    group = SelectionGroup("o_proj", env, mode=mode, k_chunk=16 if mode != "none" else 0)
+    layer = DecDECLinear(q, torch.randn(n), quantize_residual(w - q.dequantize()), group)
+    x = torch.randn(3, k).half().float()  # fp16 values: the same selection on both sides
+    ref = layer(x)  # CPU reference path, fp32
+    layer = layer.to(DEV)
+    out = layer(x.to(DEV).half())
+    assert layer._gpu is not None, "the CUDA path did not run"
+    assert rel_err(out, ref.to(DEV)) < 3e-3
+    xp = torch.randn(2, 16, k).half()  # 32 tokens: the prefill path (dequantize + cuBLAS)
+    prefill = layer(xp.to(DEV))
+    assert prefill.shape == (2, 16, n)
+    assert rel_err(prefill.float(), xp.float() @ q.dequantize().t() + layer.bias.float().cpu()) < 3e-3
+    assert decdec.cuda_available()

@@ -1,0 +1,94 @@
+"""CPU checks of the CUDA path that need no GPU: the GPU weight layout (decoded here exactly as the
+kernels decode it), the op schemas and their fake implementations."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from decdec import kernels, ops
+from decdec.formats import LUTWeight, UniformWeight
+
+
+def decode_like_kernel(qweight: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """The kernels' code_pair() on every (tile, lane, k-step, register), mapped back to [n, k]."""
+    rt, kt = -(-n // 16), -(-k // 256)
+    nw = 16 if bits == 4 else 12
+    words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(rt, kt, nw // 4, 32, 4).permute(0, 1, 3, 2, 4)
+    words = words.reshape(rt, kt, 32, nw)
+    codes = torch.zeros(rt * 16, kt * 256, dtype=torch.int64)
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    for s in range(16):
+        for i in range(4):
+            if bits == 4:
+                pair = (words[..., s] >> (4 * i)) & 0x000F000F
+            else:
+                lo = words[..., s >> 1] >> (8 * (s & 1) + 2 * i)
+                hi = words[..., 8 + (s >> 2)] >> (4 * (s & 3) + i)
+                pair = (lo & 0x00030003) | ((hi & 0x00010001) << 2)
+            for h in range(2):
+                q = (pair >> 16) if h else (pair & 0xFFFF)  # [rt, kt, 32]
+                rows = (torch.arange(rt).view(-1, 1, 1) * 16 + g + 8 * (i & 1)).expand(rt, kt, 32)
+                cols = (torch.arange(kt).view(1, -1, 1) * 256 + 16 * s + 8 * (i >> 1) + 2 * t + h).expand(rt, kt, 32)
+                codes[rows, cols] = q
+    return codes[:n, :k]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("shape", [(40, 600), (16, 256), (33, 1100)])
+def test_layout_round_trip(bits, shape):
+    n, k = shape
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8)
+    qweight = kernels.pack_tiles(codes, bits)
+    assert qweight.dtype == torch.int32
+    assert qweight.numel() == -(-n // 16) * -(-k // 256) * 32 * (16 if bits == 4 else 12)
+    assert torch.equal(decode_like_kernel(qweight, bits, n, k), codes.to(torch.int64))
+
+
+def test_uniform_meta():
+    w = torch.randn(20, 300)
+    q = UniformWeight.quantize(w, 3, 64)
+    gw = kernels.to_gpu_weight(q, torch.device("cpu"))
+    assert gw.meta.shape == (5, 32)
+    meta = gw.meta.to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal((meta[:, :20] >> 16).t(), q.zeros.to(torch.int64))
+    scales = (meta[:, :20] & 0xFFFF).to(torch.int16).view(torch.float16).t()
+    assert torch.equal(scales, q.scales)
+    assert torch.equal(decode_like_kernel(gw.qweight, 3, 20, 300), q.codes().to(torch.int64))
+
+
+def test_lut_meta():
+    lut = torch.randn(20, 16).half()
+    q = LUTWeight.from_codes(torch.randint(0, 16, (20, 300), dtype=torch.uint8), lut, 4)
+    gw = kernels.to_gpu_weight(q, torch.device("cpu"))
+    assert gw.meta.shape == (32, 16) and torch.equal(gw.meta[:20], lut)
+
+
+def test_group_size_not_multiple_of_16_is_refused():
+    q = UniformWeight.quantize(torch.randn(16, 100), 4, 40)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.to_gpu_weight(q, torch.device("cpu"))
+
+
+def test_fake_implementations_give_shapes():
+    with FakeTensorMode():
+        x = torch.empty(3, 600, dtype=torch.float16)
+        qw = torch.empty(10, dtype=torch.int32)
+        meta = torch.empty(5, 48, dtype=torch.int32)
+        assert torch.ops.decdec.gemv(x, qw, meta, None, 0, 3, 128, 40).shape == (3, 40)
+        env = torch.empty(600)
+        out = torch.ops.decdec.gemv_dec(x, qw, meta, None, 0, 3, 128, 40, env, None, 8, 1, 32,
+                                        torch.empty(40, dtype=torch.float16), 4, torch.empty(3, dtype=torch.int32))
+        assert out.shape == (3, 40) and out.dtype == torch.float16
+        sel = torch.ops.decdec.select_channels(torch.empty(2, 2600, dtype=torch.bfloat16), torch.empty(2600), 8)
+        assert sel.shape == (2, 8 + 8 + 8 * 552 // 1024) and sel.dtype == torch.int64
+        dense = torch.ops.decdec.dequantize(qw, meta, 0, 3, 128, 40, 600, torch.bfloat16)
+        assert dense.shape == (40, 600) and dense.dtype == torch.bfloat16
+
+
+def test_ops_report_missing_extension_clearly():
+    if ops.available():
+        pytest.skip("the extension is available here")
+    with pytest.raises(RuntimeError, match="decdec._C|CUDA device"):
+        ops.require()
