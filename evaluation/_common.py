@@ -16,7 +16,7 @@ import decdec
 from decdec import artifacts
 from decdec.batched import use_batched_compensation
 from decdec.resolve import load_original
-from decdec.selection import MODES
+from decdec.selection import CHUNK_SIZE, MODES
 
 #: modes whose result depends on k_chunk; "none" and "full" are run once
 K_MODES = ("decdec", "exact", "exact-global", "static", "random")
@@ -92,6 +92,14 @@ def _original_dtype(device: str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.float16
 
 
+def check_modes(modes: list[str], k_chunks: list[int]) -> None:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"error: unknown --mode {', '.join(unknown)}: expected some of {', '.join(MODES)}")
+    if any(not 0 <= k <= CHUNK_SIZE for k in k_chunks):
+        raise SystemExit(f"error: --k-chunk values must be in 0..{CHUNK_SIZE}")
+
+
 def modes_and_k(loaded: LoadedModel, modes: list[str], k_chunks: list[int]) -> list[tuple[str, int | None]]:
     """The (mode, k_chunk) runs: k-dependent modes at every k_chunk, "none" at 0, "full" once
     (k_chunk None); the original has a single run ("original", None)."""
@@ -99,8 +107,6 @@ def modes_and_k(loaded: LoadedModel, modes: list[str], k_chunks: list[int]) -> l
         return [("original", None)]
     runs: list[tuple[str, int | None]] = []
     for mode in modes:
-        if mode not in MODES:
-            raise SystemExit(f"error: unknown --mode {mode!r}: expected some of {', '.join(MODES)}")
         ks = [0] if mode == "none" else [None] if mode == "full" else k_chunks
         runs += [(mode, k) for k in ks if (mode, k) not in runs]
     return runs

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_model_args, check_model_args, configure, load_model, markdown_table, modes_and_k,  # noqa: E402
-                     run_fields, write_json)
+from _common import (add_model_args, check_model_args, check_modes, configure, load_model,  # noqa: E402
+                     markdown_table, modes_and_k, run_fields, write_json)
 from decdec.resolve import find_data_dir  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task (a fraction when < 1); for quick runs, not for reported numbers")
     p.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' number of few-shot examples")
+    p.add_argument("--max-gen-toks", type=int, default=None,
+                   help="cap the generated tokens of generation tasks (bbh, gsm8k; their YAMLs allow 256)")
     p.add_argument("--batch-size", default="1", help="lm-eval batch size (an integer or 'auto'; default 1)")
     p.add_argument("--online", action="store_true",
                    help="use lm-eval's built-in tasks (Hugging Face hub) instead of the local YAMLs")
@@ -77,23 +79,29 @@ def metric_records(results: dict, names: list[str], tasks: list[str]) -> list[di
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
     check_model_args(args)
+    check_modes(args.mode, args.k_chunk)
     try:
         batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     except ValueError:
         raise SystemExit(f"error: --batch-size must be an integer or 'auto', got {args.batch_size!r}") from None
+    if args.max_gen_toks is not None and args.max_gen_toks < 1:
+        raise SystemExit("error: --max-gen-toks must be >= 1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tasks = task_names(args.tasks, args.online)
+    local = [t for t in tasks if t.startswith("decdec_")]
     metadata = {}
-    if not args.online:
+    if local and not args.online:
         data_dir = find_data_dir(args.data_dir)
-        if data_dir is None and any(t in LOCAL_TASKS.values() for t in tasks):
+        if data_dir is None:
             raise SystemExit("error: the offline tasks need the data directory: pass --data-dir or set $DECDEC_DATA "
                              "(or use --online)")
         metadata["data_dir"] = str(data_dir)
-    manager = TaskManager(include_path=None if args.online else str(TASKS_DIR), metadata=metadata)
+    # indexing lm-eval's thousands of built-in tasks takes a while: only when one is asked for
+    manager = TaskManager(include_path=None if args.online else str(TASKS_DIR),
+                          include_defaults=args.online or len(local) < len(tasks), metadata=metadata)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise SystemExit(f"error: unknown task(s) {unknown}: offline names are {', '.join(LOCAL_TASKS)}; "
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         configure(loaded, mode, k_chunk)
         wall = time.perf_counter()
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
-                                  num_fewshot=args.num_fewshot, bootstrap_iters=1000, log_samples=False)
+                                  num_fewshot=args.num_fewshot, bootstrap_iters=1000, log_samples=False,
+                                  gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None)
         seconds = time.perf_counter() - wall
         for row in metric_records(results, args.tasks, tasks):
             records.append({**loaded.info, "mode": mode, "k_chunk": k_chunk, **row, "limit": args.limit,
