@@ -25,7 +25,8 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 def add_calibration(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default="c4",
-                        help="calibration text: c4, wikitext2, self (sampled from the model), or a text file path")
+                        help="calibration text: c4 (validation, the default), wikitext2 (the test split: not for models "
+                             "evaluated on WikiText-2), self (sampled from the model: data-free), or a text file path")
     parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration sequences (default 100)")
     parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per sequence (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document shuffle / sampling")
