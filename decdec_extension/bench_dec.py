@@ -51,7 +51,7 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int) -> dict
         for n_tb in n_tbs:
             times = []
             for kc in k_chunks:
-                calls = [lambda w=w, kc=kc: ops.gemv_dec(x, w.qweight, w.meta, None, w.fmt, w.bits, w.group_size, n,
+                calls = [lambda w=w, kc=kc: ops.gemv_dec(x, w.qweight, w.meta, None, w.fmt, w.bits, w.group_size, n, k,
                                                          envelope, None, kc, host.data_ptr(), stride, scales, n_tb,
                                                          counters) for w in ws]
                 times.append(time_rotated(calls, device, repeats) * 1e6)

@@ -129,8 +129,8 @@ class Layer:
     def run(self, x: torch.Tensor, k_chunk: int, n_tb: int = 8, channels: torch.Tensor | None = None):
         g, r = self.gw, self.res
         bias = None if self.bias is None else self.bias_dev[x.dtype]
-        return ops.gemv_dec(x, g.qweight, g.meta, bias, g.fmt, g.bits, g.group_size, g.out_features, self.env_dev,
-                            channels, k_chunk, r.ptr, r.stride, r.scales, n_tb, self.counters)
+        return ops.gemv_dec(x, g.qweight, g.meta, bias, g.fmt, g.bits, g.group_size, g.out_features, g.in_features,
+                            self.env_dev, channels, k_chunk, r.ptr, r.stride, r.scales, n_tb, self.counters)
 
     def reference(self, x: torch.Tensor, k_chunk: int) -> torch.Tensor:
         xc = x.cpu()
@@ -214,7 +214,7 @@ def test_argument_checks_raise():
         (x.float(), "float16 or bfloat16"),
         (x.cpu(), "CUDA"),
         (torch.randn(9, 576, device=DEV).half(), "1..8"),
-        (torch.randn(1, 575, device=DEV).half(), "qweight"),
+        (torch.randn(1, 575, device=DEV).half(), r"\[tokens, 576\]"),
         (torch.randn(576, 2, device=DEV).half().t(), "contiguous"),
     ]
     for xb, msg in bad:
@@ -227,7 +227,7 @@ def test_argument_checks_raise():
     with pytest.raises((RuntimeError, ValueError), match="n_tb"):
         layer.run(x, 8, n_tb=0)
     with pytest.raises((RuntimeError, ValueError), match="qweight"):
-        ops.gemv(x, g.qweight[:-1], g.meta, None, g.fmt, g.bits, g.group_size, g.out_features)
+        ops.gemv(x, g.qweight[:-1], g.meta, None, g.fmt, g.bits, g.group_size, g.out_features, g.in_features)
 
 
 @pytest.mark.parametrize("mode", ["decdec", "exact", "none"])

@@ -76,9 +76,9 @@ def test_fake_implementations_give_shapes():
         x = torch.empty(3, 600, dtype=torch.float16)
         qw = torch.empty(10, dtype=torch.int32)
         meta = torch.empty(5, 48, dtype=torch.int32)
-        assert torch.ops.decdec.gemv(x, qw, meta, None, 0, 3, 128, 40).shape == (3, 40)
+        assert torch.ops.decdec.gemv(x, qw, meta, None, 0, 3, 128, 40, 600).shape == (3, 40)
         env = torch.empty(600)
-        out = torch.ops.decdec.gemv_dec(x, qw, meta, None, 0, 3, 128, 40, env, None, 8, 1, 32,
+        out = torch.ops.decdec.gemv_dec(x, qw, meta, None, 0, 3, 128, 40, 600, env, None, 8, 1, 32,
                                         torch.empty(40, dtype=torch.float16), 4, torch.empty(3, dtype=torch.int32))
         assert out.shape == (3, 40) and out.dtype == torch.float16
         sel = torch.ops.decdec.select_channels(torch.empty(2, 2600, dtype=torch.bfloat16), torch.empty(2600), 8)

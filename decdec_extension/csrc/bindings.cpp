@@ -78,8 +78,7 @@ void check_x(const Tensor& x, int64_t K) {
 
 decdec::GemvParams base_params(const Tensor& x, const Tensor& qweight, const Tensor& meta,
                                const std::optional<Tensor>& bias, int64_t fmt, int64_t bits, int64_t group_size,
-                               int64_t N, Tensor& out) {
-  const int64_t K = x.size(1);
+                               int64_t N, int64_t K, Tensor& out) {
   check_x(x, K);
   const int dt = dtype_code(x);
   check_weight(x, qweight, meta, fmt, bits, group_size, N, K);
@@ -125,10 +124,10 @@ void launch(decdec::GemvParams p) {
 }
 
 Tensor gemv(const Tensor& x, const Tensor& qweight, const Tensor& meta, const std::optional<Tensor>& bias, int64_t fmt,
-            int64_t bits, int64_t group_size, int64_t out_features) {
+            int64_t bits, int64_t group_size, int64_t out_features, int64_t in_features) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   Tensor out;
-  decdec::GemvParams p = base_params(x, qweight, meta, bias, fmt, bits, group_size, out_features, out);
+  decdec::GemvParams p = base_params(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features, out);
   launch(p);
   return out;
 }
@@ -147,13 +146,14 @@ void check_envelope(const Tensor& envelope, const Tensor& x, int64_t K) {
 }
 
 Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, const std::optional<Tensor>& bias,
-                int64_t fmt, int64_t bits, int64_t group_size, int64_t out_features, const Tensor& envelope,
+                int64_t fmt, int64_t bits, int64_t group_size, int64_t out_features, int64_t in_features,
+                const Tensor& envelope,
                 const std::optional<Tensor>& channels, int64_t k_chunk, int64_t residual_ptr, int64_t residual_stride,
                 const Tensor& residual_scales, int64_t n_tb, const Tensor& counters) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   Tensor out;
-  decdec::GemvParams p = base_params(x, qweight, meta, bias, fmt, bits, group_size, out_features, out);
-  const int64_t N = out_features, K = x.size(1);
+  decdec::GemvParams p = base_params(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features, out);
+  const int64_t N = out_features, K = in_features;
   TORCH_CHECK(residual_ptr != 0, "decdec: residual_ptr is null");
   TORCH_CHECK(residual_stride % 16 == 0 && residual_stride * 2 >= N,
                     "decdec: residual_stride must be a multiple of 16 bytes holding ", S(N), " nibbles, got ",

@@ -162,15 +162,34 @@ __device__ void select_chunk(const typename Act<DT>::T* xrow, int K, int chunk, 
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
   if (quota == 0) return;
   const int first = c0 + lane * 32;
+  // Buckets 0..15 hold |x| >= edges[15]. With non-increasing edges, when at least `quota` values
+  // are there the threshold bucket is <= 15 and every smaller value only needs to be known as
+  // "below it": exact buckets (a binary search) are computed for the few large values alone.
+  const float e15 = edges[15];
   uint8_t bk[32];
+  int upper = 0;
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
     const int ch = first + i;
     const float a = ch < c0 + len ? fabsf(Act<DT>::to_float(xrow[ch])) : 0.f;
-    bk[i] = ch < c0 + len ? uint8_t(bucket_of(a, edges, monotone)) : uint8_t(kBucketNone);
+    uint8_t b = kBucketNone;
+    if (ch < c0 + len) b = monotone ? (a >= e15 ? uint8_t(bucket_of(a, edges, true)) : uint8_t(a == a ? 16 : 32))
+                                    : uint8_t(bucket_of(a, edges, false));
+    bk[i] = b;
+    upper += b <= 15;
+  }
+  int hi = 32;
+  if (monotone) {
+    if (int(__reduce_add_sync(0xffffffffu, unsigned(upper))) >= quota) {
+      hi = 15;  // buckets marked 16 are "above the threshold bucket": exactness not needed
+    } else {  // the quota reaches below edges[15]: exact buckets for everything
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        if (bk[i] == 16) bk[i] = uint8_t(bucket_of(fabsf(Act<DT>::to_float(xrow[first + i])), edges, true));
+    }
   }
   // threshold bucket: the smallest b with count(bucket <= b) >= quota (b = 32 always qualifies)
-  int lo = 0, hi = 32;
+  int lo = 0;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     int c = 0;
@@ -299,28 +318,33 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
       __syncthreads();
     }
   }
-  // merge: the second of (GEMV block, DEC block) to finish a 16-row tile writes it out
+  // merge: the second of (GEMV block, DEC block) to finish a 16-row tile writes it out; the
+  // tiles this block must merge are listed first, then all threads merge them together
+  __shared__ int n_merge;
+  int* merge = sel;  // the selection list is no longer needed
+  if (tid == 0) n_merge = 0;
   __threadfence();
   __syncthreads();
   const int tiles = div_up(p.N, kTileRows);
   const int t1 = min(2 * p1, tiles);
+  for (int tile = 2 * p0 + tid; tile < t1; tile += kThreads)
+    if (atomicAdd(&p.counters[tile], 1) == 1) merge[atomicAdd(&n_merge, 1)] = tile;
+  __threadfence();
+  __syncthreads();
   const T* bias = reinterpret_cast<const T*>(p.bias);
   T* out = reinterpret_cast<T*>(p.out);
-  for (int tile = 2 * p0 + tid; tile < t1; tile += kThreads) {
-    if (atomicAdd(&p.counters[tile], 1) == 1) {
-      __threadfence();
-      for (int b = 0; b < p.B; ++b) {
-        for (int r = 0; r < kTileRows; ++r) {
-          const int row = tile * kTileRows + r;
-          if (row >= p.N) break;
-          float v = __ldcg(base + size_t(b) * W + row) + __ldcg(corr + size_t(b) * W + row);
-          if (bias != nullptr) v += A::to_float(bias[row]);
-          out[size_t(b) * p.N + row] = A::from_float(v);
-        }
-      }
-      p.counters[tile] = 0;
+  const int items = n_merge * kTileRows * p.B;
+  for (int it = tid; it < items; it += kThreads) {
+    const int tile = merge[it / (kTileRows * p.B)];
+    const int rest = it % (kTileRows * p.B);
+    const int b = rest / kTileRows, row = tile * kTileRows + rest % kTileRows;
+    if (row < p.N) {
+      float v = __ldcg(base + size_t(b) * W + row) + __ldcg(corr + size_t(b) * W + row);
+      if (bias != nullptr) v += A::to_float(bias[row]);
+      out[size_t(b) * p.N + row] = A::from_float(v);
     }
   }
+  for (int i = tid; i < n_merge; i += kThreads) p.counters[merge[i]] = 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -373,9 +397,33 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   };
   int rt = blk, kt = warp;
   if (rt < NT && kt < KT) load(rt, kt, w, m);
-  // stage x (zero-padded to whole tiles) while the first weight loads are in flight
-  for (int b = 0; b < p.B; ++b)
-    for (int k = threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = k < p.K ? xg[size_t(b) * p.K + k] : 0;
+  // stage x (zero-padded to whole tiles) while the first weight loads are in flight; 16-byte
+  // copies with four loads in flight per thread where x allows
+  if (p.K % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0) {
+    const int per_row = p.K / 8, total = p.B * per_row;
+    const uint4* src = reinterpret_cast<const uint4*>(p.x);
+    for (int i0 = threadIdx.x; i0 < total; i0 += 4 * kThreads) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * kThreads;
+        if (i < total) v[u] = __ldg(src + i);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * kThreads;
+        if (i < total) {
+          const int b = i / per_row;
+          *reinterpret_cast<uint4*>(xs + b * xstride + (i - b * per_row) * 8) = v[u];
+        }
+      }
+    }
+    for (int b = 0; b < p.B; ++b)
+      for (int k = p.K + threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = 0;
+  } else {
+    for (int b = 0; b < p.B; ++b)
+      for (int k = threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = k < p.K ? xg[size_t(b) * p.K + k] : 0;
+  }
   __syncthreads();
 
   const T* bias = reinterpret_cast<const T*>(p.bias);
@@ -605,7 +653,9 @@ int tile_words(int bits) { return bits == 4 ? 16 : 12; }
 size_t gemv_smem_bytes(const GemvParams& p) {
   const size_t gemv = kWarps * 128 * sizeof(float) + 2 * 16 * 32 * sizeof(uint32_t) + x_stage_bytes(p.B, p.K);
   if (p.n_tb == 0) return gemv;
-  const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + size_t(p.k_total) * sizeof(int);
+  // the selection list, reused afterwards as the list of tiles the block merges
+  const int list = max(p.k_total, 2 * div_up(int(p.res_stride / 16), max(p.n_tb, 1)));
+  const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + size_t(list) * sizeof(int);
   return dec > gemv ? dec : gemv;
 }
 

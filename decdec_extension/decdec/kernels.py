@@ -35,7 +35,8 @@ class GPUWeight:
     in_features: int
 
     def gemv(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return ops.gemv(x, self.qweight, self.meta, bias, self.fmt, self.bits, self.group_size, self.out_features)
+        return ops.gemv(x, self.qweight, self.meta, bias, self.fmt, self.bits, self.group_size, self.out_features,
+                        self.in_features)
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
         return ops.dequantize(self.qweight, self.meta, self.fmt, self.bits, self.group_size, self.out_features,
@@ -182,6 +183,7 @@ def forward(module, x: Tensor) -> Tensor | None:
         channels = group.select(x).reshape(tokens, -1).contiguous()
     envelope = group.envelope if group.envelope is not None else x2.new_zeros(k, dtype=torch.float32)
     w, r = state.weight, state.residual
-    out = ops.gemv_dec(x2, w.qweight, w.meta, bias, w.fmt, w.bits, w.group_size, w.out_features, envelope, channels,
-                       group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB, state.counters)
+    out = ops.gemv_dec(x2, w.qweight, w.meta, bias, w.fmt, w.bits, w.group_size, w.out_features, w.in_features,
+                       envelope, channels, group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB,
+                       state.counters)
     return out.view(*lead, module.out_features)

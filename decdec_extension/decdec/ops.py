@@ -5,7 +5,7 @@ trace them) whether or not the CUDA extension ``decdec._C`` is built; the extens
 CUDA implementations. Call :func:`available` before running them. Weights are in the GPU layout of
 ``decdec.kernels`` (see ``csrc/decdec_kernels.h``).
 
-- ``gemv(x [B, K], qweight, meta, bias?, fmt, bits, group_size, out_features) -> [B, N]``: the
+- ``gemv(x [B, K], qweight, meta, bias?, fmt, bits, group_size, out_features, in_features) -> [B, N]``: the
   quantized GEMV for 1..8 tokens, fp32 accumulation, output in x's dtype.
 - ``gemv_dec(..., envelope, channels?, k_chunk, residual_ptr, residual_stride, residual_scales,
   n_tb, counters) -> [B, N]``: the same plus DecDEC's compensation in one launch: each token selects
@@ -30,9 +30,9 @@ MAX_TOKENS = 8  # rows of x the GEMV takes in one call
 
 _lib = torch.library.Library("decdec", "DEF")
 _lib.define("gemv(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int fmt, int bits, int group_size, "
-            "int out_features) -> Tensor")
+            "int out_features, int in_features) -> Tensor")
 _lib.define("gemv_dec(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int fmt, int bits, int group_size, "
-            "int out_features, Tensor envelope, Tensor? channels, int k_chunk, int residual_ptr, "
+            "int out_features, int in_features, Tensor envelope, Tensor? channels, int k_chunk, int residual_ptr, "
             "int residual_stride, Tensor residual_scales, int n_tb, Tensor counters) -> Tensor")
 _lib.define("select_channels(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
 _lib.define("dequantize(Tensor qweight, Tensor meta, int fmt, int bits, int group_size, int out_features, "
@@ -40,13 +40,13 @@ _lib.define("dequantize(Tensor qweight, Tensor meta, int fmt, int bits, int grou
 
 
 @torch.library.register_fake("decdec::gemv")
-def _gemv_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features):
+def _gemv_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features):
     torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
     return x.new_empty(x.shape[0], out_features)
 
 
 @torch.library.register_fake("decdec::gemv_dec")
-def _gemv_dec_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, envelope, channels, k_chunk,
+def _gemv_dec_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features, envelope, channels, k_chunk,
                    residual_ptr, residual_stride, residual_scales, n_tb, counters):
     torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
     return x.new_empty(x.shape[0], out_features)
@@ -95,15 +95,16 @@ def alloc_pinned(nbytes: int) -> Tensor:
 
 
 def gemv(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int, bits: int, group_size: int,
-         out_features: int) -> Tensor:
-    return torch.ops.decdec.gemv(x, qweight, meta, bias, fmt, bits, group_size, out_features)
+         out_features: int, in_features: int) -> Tensor:
+    return torch.ops.decdec.gemv(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features)
 
 
 def gemv_dec(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int, bits: int, group_size: int,
-             out_features: int, envelope: Tensor, channels: Tensor | None, k_chunk: int, residual_ptr: int,
-             residual_stride: int, residual_scales: Tensor, n_tb: int, counters: Tensor) -> Tensor:
-    return torch.ops.decdec.gemv_dec(x, qweight, meta, bias, fmt, bits, group_size, out_features, envelope, channels,
-                                     k_chunk, residual_ptr, residual_stride, residual_scales, n_tb, counters)
+             out_features: int, in_features: int, envelope: Tensor, channels: Tensor | None, k_chunk: int,
+             residual_ptr: int, residual_stride: int, residual_scales: Tensor, n_tb: int, counters: Tensor) -> Tensor:
+    return torch.ops.decdec.gemv_dec(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features,
+                                     envelope, channels, k_chunk, residual_ptr, residual_stride, residual_scales, n_tb,
+                                     counters)
 
 
 def select_channels(x: Tensor, envelope: Tensor, k_chunk: int) -> Tensor:
