@@ -37,6 +37,7 @@ struct Act<kHalf> {
   using T = __half;
   static constexpr uint32_t kMagicBase = 0x6400u;  // fp16 1024: 1024 + q is exact for q < 1024
   __device__ static float to_float(T v) { return __half2float(v); }
+  __device__ static T from_bits(uint16_t b) { return __ushort_as_half(b); }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
   __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
     uint32_t d;
@@ -59,6 +60,7 @@ struct Act<kBFloat16> {
   using T = __nv_bfloat16;
   static constexpr uint32_t kMagicBase = 0x4300u;  // bf16 128: 128 + q is exact for q < 128
   __device__ static float to_float(T v) { return __bfloat162float(v); }
+  __device__ static T from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
   __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
     uint32_t d;
@@ -124,7 +126,7 @@ __device__ __forceinline__ void load_tile(const uint4* tile, uint4* w) {
 
 // Lower bucket edges in fp32 exactly as selection.bucket_edges computes them (IEEE operations,
 // immune to fast-math), computed by one whole warp; returns whether the edges are non-increasing
-// and NaN-free, which allows a binary search for the bucket.
+// and NaN-free, which allows finding a bucket by interpolation.
 __device__ bool compute_edges(const float* envelope, int k_total, float* edges, int lane) {
   const float bhi = envelope[0];
   const float blo = envelope[k_total - 1];
@@ -136,60 +138,90 @@ __device__ bool compute_edges(const float* envelope, int k_total, float* edges, 
   return __all_sync(0xffffffffu, ok);
 }
 
-// The smallest i with a >= edges[i]; 32 when there is none (NaN).
-__device__ __forceinline__ int bucket_of(float a, const float* edges, bool monotone) {
-  if (monotone) {  // edges non-increasing: the answer is the number of edges above a
-    if (a != a) return 32;
-    int pos = 0;
-#pragma unroll
-    for (int step = 16; step >= 1; step >>= 1)
-      if (edges[pos + step - 1] > a) pos += step;
-    if (pos == 31 && edges[31] > a) pos = 32;
-    return pos;
-  }
+// The smallest i with a >= edges[i]; 32 when there is none (NaN): the definition, for edges that
+// are not non-increasing.
+__device__ __forceinline__ int bucket_of(float a, const float* edges) {
   for (int i = 0; i < 32; ++i)
     if (a >= edges[i]) return i;
   return 32;
 }
 
-// One warp selects the quota of one chunk of one token and writes the chosen channels ascending
-// at out[0 ...].
+// One warp loads the activations of one chunk: lane l holds channels chunk * 1024 + 32 l + i,
+// i = 0..31, as 16 pairs (zero past the end); four 16-byte loads per lane where x allows.
 template <int DT>
-__device__ void select_chunk(const typename Act<DT>::T* xrow, int K, int chunk, int k_chunk, const float* edges,
-                             bool monotone, int* out, int lane) {
+__device__ __forceinline__ void load_chunk_x(const typename Act<DT>::T* xrow, int K, int chunk, int lane,
+                                             uint32_t* xv) {
+  const int first = chunk * kChunk + lane * 32;
+  if (K % 8 == 0 && reinterpret_cast<uintptr_t>(xrow) % 16 == 0 && first + 32 <= K) {
+    const uint4* src = reinterpret_cast<const uint4*>(xrow + first);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint4 v = __ldg(src + j);
+      xv[4 * j] = v.x;
+      xv[4 * j + 1] = v.y;
+      xv[4 * j + 2] = v.z;
+      xv[4 * j + 3] = v.w;
+    }
+  } else {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xrow);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int ch = first + 2 * j;
+      xv[j] = (ch < K ? uint32_t(src[ch]) : 0u) | (ch + 1 < K ? uint32_t(src[ch + 1]) << 16 : 0u);
+    }
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ float chunk_abs(const uint32_t* xv, int i) {
+  return fabsf(Act<DT>::to_float(Act<DT>::from_bits(uint16_t(xv[i >> 1] >> (16 * (i & 1))))));
+}
+
+// One warp selects the quota of one chunk of one token from its activations xv (load_chunk_x)
+// and writes the chosen channels ascending at out[0 ...].
+template <int DT>
+__device__ void select_chunk(const uint32_t* xv, int K, int chunk, int k_chunk, const float* edges, bool monotone,
+                             int* out, int lane) {
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
   if (quota == 0) return;
   const int first = c0 + lane * 32;
-  // Buckets 0..15 hold |x| >= edges[15]. With non-increasing edges, when at least `quota` values
-  // are there the threshold bucket is <= 15 and every smaller value only needs to be known as
-  // "below it": exact buckets (a binary search) are computed for the few large values alone.
-  const float e15 = edges[15];
+  // With non-increasing edges (the normal case) a bucket is found by interpolation, then corrected
+  // against the exact fp32 edges (the smallest i with a >= edges[i] within its half); buckets 0..15
+  // hold a >= edges[15], 16..31 the rest (edges[31] = 0), NaN goes to 32. Other edges: linear scan.
+  const float e0 = edges[0], e15 = edges[15], e16 = edges[16];
+  const float inv_hi = e0 > e15 ? 15.f / (e0 - e15) : 0.f;
+  const float inv_lo = e16 > 0.f ? 15.f / e16 : 0.f;
   uint8_t bk[32];
   int upper = 0;
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    const int ch = first + i;
-    const float a = ch < c0 + len ? fabsf(Act<DT>::to_float(xrow[ch])) : 0.f;
-    uint8_t b = kBucketNone;
-    if (ch < c0 + len) b = monotone ? (a >= e15 ? uint8_t(bucket_of(a, edges, true)) : uint8_t(a == a ? 16 : 32))
-                                    : uint8_t(bucket_of(a, edges, false));
-    bk[i] = b;
+    const float a = chunk_abs<DT>(xv, i);
+    int b;
+    if (first + i >= c0 + len) {
+      b = kBucketNone;
+    } else if (!monotone) {
+      b = bucket_of(a, edges);
+    } else if (!(a == a)) {
+      b = 32;
+    } else if (a >= e15) {
+      b = min(max(int((e0 - a) * inv_hi), 0), 15);
+      while (b < 15 && a < edges[b]) ++b;
+      while (b > 0 && a >= edges[b - 1]) --b;
+    } else {
+      b = 31 - min(max(int(a * inv_lo), 0), 15);
+      while (b < 31 && a < edges[b]) ++b;
+      while (b > 16 && a >= edges[b - 1]) --b;
+    }
+    bk[i] = uint8_t(b);
     upper += b <= 15;
   }
-  int hi = 32;
-  if (monotone) {
-    if (int(__reduce_add_sync(0xffffffffu, unsigned(upper))) >= quota) {
-      hi = 15;  // buckets marked 16 are "above the threshold bucket": exactness not needed
-    } else {  // the quota reaches below edges[15]: exact buckets for everything
-#pragma unroll
-      for (int i = 0; i < 32; ++i)
-        if (bk[i] == 16) bk[i] = uint8_t(bucket_of(fabsf(Act<DT>::to_float(xrow[first + i])), edges, true));
-    }
-  }
-  // threshold bucket: the smallest b with count(bucket <= b) >= quota (b = 32 always qualifies)
-  int lo = 0;
+  // threshold bucket: the smallest b with count(bucket <= b) >= quota (b = 32 always qualifies);
+  // the count of buckets 0..15 tells which half it is in
+  int lo = 0, hi = 32;
+  if (int(__reduce_add_sync(0xffffffffu, unsigned(upper))) >= quota) hi = 15;
+  else lo = 16;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     int c = 0;
@@ -251,10 +283,6 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   const T* x = reinterpret_cast<const T*>(p.x);
   const __half* scales = reinterpret_cast<const __half*>(p.res_scales);
 
-  if (p.channels == nullptr && warp == 0) {
-    const bool mono = compute_edges(p.envelope, k, edges, lane);
-    if (lane == 0) monotone_flag = mono;
-  }
   const int pr_count = min(max(np, 1), kThreads);
   const int groups = kThreads / pr_count;  // thread groups splitting the selected rows
   for (int b = 0; b < p.B; ++b) {
@@ -263,9 +291,19 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
     if (p.channels != nullptr) {
       for (int i = tid; i < k; i += kThreads) sel[i] = int(p.channels[size_t(b) * k + i]);
     } else {
+      // the first chunk's activations load while warp 0 computes the edges (one round trip)
       const int chunks = div_up(p.K, kChunk);
-      for (int c = warp; c < chunks; c += kWarps)
-        select_chunk<DT>(xrow, p.K, c, p.k_chunk, edges, monotone_flag, sel + c * p.k_chunk, lane);
+      uint32_t xv[16];
+      if (warp < chunks) load_chunk_x<DT>(xrow, p.K, warp, lane, xv);
+      if (b == 0 && warp == 0) {
+        const bool mono = compute_edges(p.envelope, k, edges, lane);
+        if (lane == 0) monotone_flag = mono;
+      }
+      __syncthreads();
+      for (int c = warp; c < chunks; c += kWarps) {
+        if (c != warp) load_chunk_x<DT>(xrow, p.K, c, lane, xv);
+        select_chunk<DT>(xv, p.K, c, p.k_chunk, edges, monotone_flag, sel + c * p.k_chunk, lane);
+      }
     }
     __syncthreads();
     for (int pb = 0; pb < np; pb += pr_count) {
@@ -308,12 +346,22 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
         for (int j = 0; j < 32; ++j) dst[j] = acc[j];
       }
       __syncthreads();
-      for (int it = tid; it < npr * 32; it += kThreads) {
-        const int q = it >> 5, j = it & 31;
-        float v = 0.f;
-        for (int r = 0; r < groups; ++r) v += part[(r * pr_count + q) * kPartStride + j];
-        const int o = (p0 + pb + q) * 32 + j;
-        if (o < p.N) corr[size_t(b) * W + o] = v * __half2float(scales[o]);
+      for (int it0 = tid; it0 < npr * 32; it0 += 4 * kThreads) {
+        float sc[4];  // four scale loads in flight per thread
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int it = it0 + u * kThreads, o = (p0 + pb + (it >> 5)) * 32 + (it & 31);
+          sc[u] = it < npr * 32 && o < p.N ? __half2float(scales[o]) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int it = it0 + u * kThreads;
+          const int q = it >> 5, j = it & 31, o = (p0 + pb + q) * 32 + j;
+          if (it >= npr * 32 || o >= p.N) continue;
+          float v = 0.f;
+          for (int r = 0; r < groups; ++r) v += part[(r * pr_count + q) * kPartStride + j];
+          corr[size_t(b) * W + o] = v * sc[u];
+        }
       }
       __syncthreads();
     }
@@ -334,15 +382,25 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   const T* bias = reinterpret_cast<const T*>(p.bias);
   T* out = reinterpret_cast<T*>(p.out);
   const int items = n_merge * kTileRows * p.B;
-  for (int it = tid; it < items; it += kThreads) {
-    const int tile = merge[it / (kTileRows * p.B)];
-    const int rest = it % (kTileRows * p.B);
-    const int b = rest / kTileRows, row = tile * kTileRows + rest % kTileRows;
-    if (row < p.N) {
-      float v = __ldcg(base + size_t(b) * W + row) + __ldcg(corr + size_t(b) * W + row);
-      if (bias != nullptr) v += A::to_float(bias[row]);
-      out[size_t(b) * p.N + row] = A::from_float(v);
+  for (int it0 = tid; it0 < items; it0 += 4 * kThreads) {
+    float v[4];
+    int dst[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {  // all loads first: four merges in flight per thread
+      const int it = it0 + u * kThreads;
+      dst[u] = -1;
+      if (it >= items) continue;
+      const int tile = merge[it / (kTileRows * p.B)];
+      const int rest = it % (kTileRows * p.B);
+      const int b = rest / kTileRows, row = tile * kTileRows + rest % kTileRows;
+      if (row >= p.N) continue;
+      v[u] = __ldcg(base + size_t(b) * W + row) + __ldcg(corr + size_t(b) * W + row);
+      if (bias != nullptr) v[u] += A::to_float(bias[row]);
+      dst[u] = b * p.N + row;
     }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (dst[u] >= 0) out[dst[u]] = A::from_float(v[u]);
   }
   for (int i = tid; i < n_merge; i += kThreads) p.counters[merge[i]] = 0;
 }
@@ -634,12 +692,14 @@ __global__ void select_kernel(const typename Act<DT>::T* x, int K, const float* 
   __shared__ int sel[kChunk];
   const int lane = threadIdx.x;
   const int chunk = blockIdx.x, token = blockIdx.y;
+  uint32_t xv[16];
+  load_chunk_x<DT>(x + size_t(token) * K, K, chunk, lane, xv);
   const bool mono = compute_edges(envelope, k_total, edges, lane);
   __syncwarp();
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
-  select_chunk<DT>(x + size_t(token) * K, K, chunk, k_chunk, edges, mono, sel, lane);
+  select_chunk<DT>(xv, K, chunk, k_chunk, edges, mono, sel, lane);
   __syncwarp();
   for (int i = lane; i < quota; i += 32) out[size_t(token) * k_total + chunk * k_chunk + i] = sel[i];
 }
