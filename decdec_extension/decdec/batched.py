@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .linear import DecDECLinear, SelectionGroup
 from .residual import ResidualPack
-from .selection import NUM_BUCKETS, bucket_edges, bucket_index, chunk_quotas, select
+from .selection import CHUNK_SIZE, bucket_edges, bucket_index, chunk_quotas, select
 
 # Scores: larger = taken first. |x| is >= 0, so NaN (ranked last by the reference) maps to -1.
 _NAN_SCORE = -1.0
@@ -84,7 +84,7 @@ def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, edges: T
 
 
 def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = None, mean_sq: Tensor | None = None,
-                chunk_size: int = 1024, generator: torch.Generator | None = None) -> Tensor | None:
+                chunk_size: int = CHUNK_SIZE, generator: torch.Generator | None = None) -> Tensor | None:
     """Same contract and result as :func:`decdec.selection.select`, faster on many tokens for the
     per-token modes (decdec, exact, exact-global, random); the others use the reference."""
     if mode not in ("decdec", "exact", "exact-global", "random"):
