@@ -138,7 +138,9 @@ def cost_table(records: list[dict]) -> str:
 def task_table(records: list[dict]) -> str:
     if not records:
         return ""
-    rows = sorted(records, key=lambda r: (r["task"], r["metric"], r["filter"], label(r), r["mode"], r["k_chunk"] or 0))
+    order = {m: i for i, m in enumerate(("original", "none") + K_MODES + ("full",))}
+    rows = sorted(records, key=lambda r: (r["task"], r["metric"], r["filter"], r.get("method") != "original",
+                                          label(r), order.get(r["mode"], len(order)), r["k_chunk"] or 0))
     return "\n".join(["## Tasks", "", markdown_table([{**r, "model": label(r)} for r in rows], [
         ("task", "task"), ("metric", "metric"), ("filter", "filter"), ("model", "model"), ("mode", "mode"),
         ("k_chunk", "k_chunk"), ("value", "value"), ("stderr", "stderr"), ("samples", "samples"),

@@ -71,7 +71,6 @@ def stories3(tmp_path_factory, data_dir) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_multiple_choice_offline(tasks_cli, stories3, data_dir, tmp_path):
     out = tmp_path / "tasks.json"
     records = tasks_cli.main(["--model-dir", str(stories3), "--data-dir", str(data_dir), "--tasks", "piqa", "arc_easy",
