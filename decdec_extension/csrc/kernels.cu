@@ -205,14 +205,18 @@ __device__ void select_chunk(const uint32_t* xv, int K, int chunk, int k_chunk, 
       b = bucket_of(a, edges);
     } else if (!(a == a)) {
       b = 32;
-    } else if (a >= e15) {
-      b = min(max(int((e0 - a) * inv_hi), 0), 15);
-      while (b < 15 && a < edges[b]) ++b;
-      while (b > 0 && a >= edges[b - 1]) --b;
     } else {
-      b = 31 - min(max(int(a * inv_lo), 0), 15);
-      while (b < 31 && a < edges[b]) ++b;
-      while (b > 16 && a >= edges[b - 1]) --b;
+      // guess, one branch-free correction step, then a check; the exact walk only when the guess
+      // was off by more than one (fp32 interpolation error is far smaller than a bucket)
+      const bool up = a >= e15;
+      const int first_b = up ? 0 : 16, last_b = up ? 15 : 31;
+      b = up ? min(max(int((e0 - a) * inv_hi), 0), 15) : 31 - min(max(int(a * inv_lo), 0), 15);
+      b += (b < last_b && a < edges[b]);
+      b -= (b > first_b && a >= edges[b - 1]);
+      if (!(a >= edges[b] && (b == first_b || a < edges[b - 1]))) {
+        while (b < last_b && a < edges[b]) ++b;
+        while (b > first_b && a >= edges[b - 1]) --b;
+      }
     }
     bk[i] = uint8_t(b);
     upper += b <= 15;
@@ -646,41 +650,64 @@ __global__ void __launch_bounds__(kThreads, DEC ? 2 : 3) gemv_kernel(const GemvP
 // ------------------------------------------------------------------------------------------------
 // Dequantization (prefill) and standalone selection
 
+constexpr int kDequantWarps = 4;
+
+// One warp per 16 x 256 tile: decoded into shared memory, then written out row by row with
+// coalesced 16-byte stores.
 template <int FMT, int BITS, int DT>
-__global__ void __launch_bounds__(kThreads) dequantize_kernel(const uint4* qweight, const void* meta_ptr,
-                                                               int group_size, int N, int K,
-                                                               typename Act<DT>::T* out) {
+__global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const uint4* qweight, const void* meta_ptr,
+                                                                         int group_size, int N, int K,
+                                                                         typename Act<DT>::T* out) {
   using A = Act<DT>;
+  using T = typename A::T;
   constexpr int J = (BITS == 4 ? 16 : 12) / 4;
   constexpr int Q = 1 << BITS;
+  constexpr int kRow = kTileK + 8;  // padded shared row (halves)
+  __shared__ __align__(16) T tile[kDequantWarps][kTileRows][kRow];
   const int KT = div_up(K, kTileK);
   const int Npad = div_up(N, kTileRows) * kTileRows;
-  const int kt = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  const int warp = threadIdx.x >> 5;
+  const int kt = blockIdx.x * kDequantWarps + warp;
   const int rt = blockIdx.y;
   if (kt >= KT) return;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   uint4 w[J];
   load_tile<BITS>(qweight + (size_t(rt) * KT + kt) * J * 32 + lane, w);
+  T(*sm)[kRow] = tile[warp];
 #pragma unroll
   for (int s = 0; s < kKSteps; ++s) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint32_t pair = code_pair<BITS>(w, s, i);
-      const int row = rt * kTileRows + g + 8 * (i & 1);
-      const int k = kt * kTileK + 16 * s + 8 * (i >> 1) + 2 * t;
+      const int r = g + 8 * (i & 1);
+      const int row = min(rt * kTileRows + r, N - 1);  // padding rows: any valid meta, never written
+      const int kl = 16 * s + 8 * (i >> 1) + 2 * t;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int q = int(h ? pair >> 16 : pair & 0xffffu);
-        if (row >= N || k + h >= K) continue;
+        const int k = min(kt * kTileK + kl + h, K - 1);
         float v;
         if constexpr (FMT == kUniform) {
-          const uint32_t mm = reinterpret_cast<const uint32_t*>(meta_ptr)[size_t((k + h) / group_size) * Npad + row];
+          const uint32_t mm = reinterpret_cast<const uint32_t*>(meta_ptr)[size_t(k / group_size) * Npad + row];
           v = float(q - int(mm >> 16)) * __half2float(__ushort_as_half(uint16_t(mm & 0xffffu)));
         } else {
           v = __half2float(reinterpret_cast<const __half*>(meta_ptr)[size_t(row) * Q + q]);
         }
-        out[size_t(row) * K + k + h] = A::from_float(v);
+        sm[r][kl + h] = A::from_float(v);
       }
+    }
+  }
+  __syncwarp();
+  const int k0 = kt * kTileK;
+  const bool full = k0 + kTileK <= K && K % 8 == 0;
+  for (int r = 0; r < kTileRows; ++r) {
+    const int row = rt * kTileRows + r;
+    if (row >= N) break;
+    T* dst = out + size_t(row) * K + k0;
+    if (full) {
+      reinterpret_cast<uint4*>(dst)[lane] = reinterpret_cast<const uint4*>(sm[r])[lane];
+    } else {
+      for (int k = lane; k < kTileK && k0 + k < K; k += 32) dst[k] = sm[r][k];
     }
   }
 }
@@ -789,8 +816,8 @@ cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream) {
 template <int FMT, int BITS, int DT>
 static cudaError_t launch_dequantize_t(const void* qweight, const void* meta, int group_size, int N, int K, void* out,
                                        cudaStream_t stream) {
-  const dim3 grid(div_up(div_up(K, kTileK), kWarps), div_up(N, kTileRows));
-  dequantize_kernel<FMT, BITS, DT><<<grid, kThreads, 0, stream>>>(
+  const dim3 grid(div_up(div_up(K, kTileK), kDequantWarps), div_up(N, kTileRows));
+  dequantize_kernel<FMT, BITS, DT><<<grid, kDequantWarps * 32, 0, stream>>>(
       reinterpret_cast<const uint4*>(qweight), meta, group_size, N, K, reinterpret_cast<typename Act<DT>::T*>(out));
   return cudaGetLastError();
 }
