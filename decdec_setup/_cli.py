@@ -11,10 +11,21 @@ from typing import Iterator
 import torch
 
 from decdec.calibration import Calibration, calibration_data, check_calib_source
+from decdec.quantizers import METHODS
 from decdec.quantizers.pipeline import SUMMARY, deployed_sizes, write_summary
 
 DEFAULT_NSAMPLES = 100
 DEFAULT_SEQLEN = 512
+
+
+def add_quantization(parser: argparse.ArgumentParser) -> None:
+    """The options of quantize.py and prepare.py: what to quantize, how, and where to."""
+    parser.add_argument("--model", required=True, help="HF id, local HF directory, .gguf file, smollm2-135m or stories260k")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--bits", required=True, help="3, 4 or 3.5 (half the blocks at 3 bits, half at 4)")
+    parser.add_argument("--out", required=True, help="the prepared model directory to write")
+    parser.add_argument("--group-size", type=int, default=128, help="uniform methods: input channels per group (128)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a directory that holds another model")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +48,7 @@ def check_args(args: argparse.Namespace) -> None:
     if hasattr(args, "calib"):
         check_calib_source(args.calib)
         if args.nsamples < 1 or args.seqlen < 2:
-            raise SystemExit(f"error: need --nsamples >= 1 and --seqlen >= 2")
+            raise SystemExit("error: need --nsamples >= 1 and --seqlen >= 2")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device} but CUDA is not available")
 

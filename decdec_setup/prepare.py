@@ -6,23 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _cli import (Stages, add_calibration, add_device, check_args, finish, load_calibration, quant_settings,
-                  run_cli)
+from _cli import (Stages, add_calibration, add_device, add_quantization, check_args, finish, load_calibration,
+                  quant_settings, run_cli)
 from decdec import artifacts
 from decdec.prepared import default_dtype, group_input_sizes
-from decdec.quantizers import (METHODS, build_cheatsheet, check_out_dir, check_quant_settings,
+from decdec.quantizers import (build_cheatsheet, check_out_dir, check_quant_settings,
                                measure_thresholds, parse_bits, quantize_to_dir)
 from decdec.resolve import load_config, load_original, resolve_model
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True, help="HF id, local HF directory, .gguf file, smollm2-135m or stories260k")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--bits", required=True, help="3, 4 or 3.5 (half the blocks at 3 bits, half at 4)")
-    p.add_argument("--out", required=True, help="the prepared model directory to write")
-    p.add_argument("--group-size", type=int, default=128, help="uniform methods: input channels per group (128)")
-    p.add_argument("--overwrite", action="store_true", help="replace a directory that holds another model")
+    add_quantization(p)
     add_calibration(p)
     add_device(p)
     return p
