@@ -13,6 +13,14 @@ from .selection import (CHUNK_SIZE, MODES, chunk_quotas, num_selected, rank_enve
                         select_exact, select_full, select_random, select_static)
 
 __version__ = "0.1.0"
+__all__ = [
+    "ArtifactError", "LUTWeight", "QuantizedWeight", "UniformWeight", "pack_codes", "unpack_codes",
+    "DecDECLinear", "SelectionGroup", "discover_linear_groups", "find_decoder_blocks", "kind_name",
+    "configure", "decdec_linears", "load_prepared", "selection_groups", "write_prepared_model",
+    "ResidualPack", "dequantize_residual", "quantize_residual", "residual_correction",
+    "CHUNK_SIZE", "MODES", "chunk_quotas", "num_selected", "rank_envelope", "select", "select_channels",
+    "select_exact", "select_full", "select_random", "select_static", "cuda_available",
+]
 
 
 def cuda_available() -> bool:

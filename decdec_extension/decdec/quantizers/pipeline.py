@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import artifacts
 from ..formats import weight_from_tensors
 from ..patching import block_linears, discover_linear_groups, find_decoder_blocks, kind_name
-from ..prepared import default_dtype, group_input_sizes, load_prepared, write_prepared_model
+from ..prepared import default_dtype, load_prepared, write_prepared_model
 from ..residual import ResidualPack, quantize_residual
 from ..selection import rank_envelope
 from .awq import quantize_awq, scaled_weight
