@@ -30,6 +30,17 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def stories3(tmp_path_factory, data_dir) -> Path:
+    """stories260k prepared by hand: RTN 3-bit, group size 32, with cheatsheet and thresholds."""
+    from decdec.resolve import load_original
+    from helpers import prepare_by_hand
+    model, tokenizer, _ = load_original("stories260k", data_dir=data_dir)
+    out = tmp_path_factory.mktemp("stories3")
+    prepare_by_hand(model, out, bits=3, group_size=32, tokenizer=tokenizer)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

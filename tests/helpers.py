@@ -2,6 +2,8 @@
 through the public API (round-trip tests of the loader; decdec_setup makes real ones)."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +12,21 @@ from torch import nn
 import decdec
 from decdec import artifacts
 from decdec.patching import block_linears, find_decoder_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    """A stage script as a module, named after its folder and file (stages share file names);
+    its folder goes on sys.path first, for the sibling modules it imports."""
+    name = f"{path.parent.name.replace('-', '_')}_{path.stem}"
+    if name not in sys.modules:
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)

@@ -1,6 +1,5 @@
 """end-to-end/chat.py and generate.py run in-process on CPU, and the synthetic model builder."""
 import builtins
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,9 @@ import torch
 import decdec
 from decdec import artifacts
 from decdec.synthetic import ensure_synthetic_model
-from helpers import prepare_by_hand
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +25,12 @@ def generate():
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory, data_dir) -> Path:
-    from decdec.resolve import load_original
-    model, tokenizer, _ = load_original("stories260k", data_dir=data_dir)
-    out = tmp_path_factory.mktemp("stories3")
-    prepare_by_hand(model, out, bits=3, group_size=32, tokenizer=tokenizer)
-    return out
-
-
-@pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     return ensure_synthetic_model(tmp_path_factory.mktemp("synth"), "tiny", bits=3)
 
 
-def test_chat_single_prompt(chat, stories, capsys):
-    assert chat.main(["--model-dir", str(stories), "--prompt", "Once upon a time", "--max-new-tokens", "12",
+def test_chat_single_prompt(chat, stories3, capsys):
+    assert chat.main(["--model-dir", str(stories3), "--prompt", "Once upon a time", "--max-new-tokens", "12",
                       "--k-chunk", "512", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "> Once upon a time" in out and "tokens/s" in out and "k_chunk" in out
@@ -55,7 +38,7 @@ def test_chat_single_prompt(chat, stories, capsys):
     assert len(answer.strip()) > 0
 
 
-def test_chat_commands_and_eof(chat, stories, capsys, monkeypatch):
+def test_chat_commands_and_eof(chat, stories3, capsys, monkeypatch):
     lines = iter(["/k 256", "Lily", "/decdec off", "/k down_proj=3", "/k foo=2", "/help", "Tom", "/reset"])
 
     def fake_input(prompt=""):
@@ -65,7 +48,7 @@ def test_chat_commands_and_eof(chat, stories, capsys, monkeypatch):
             raise EOFError from None
 
     monkeypatch.setattr(builtins, "input", fake_input)
-    assert chat.main(["--model-dir", str(stories), "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert chat.main(["--model-dir", str(stories3), "--max-new-tokens", "6", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "no chat template" in out
     assert "k_chunk q_proj+k_proj+v_proj 256" in out
@@ -75,9 +58,9 @@ def test_chat_commands_and_eof(chat, stories, capsys, monkeypatch):
     assert out.rstrip().endswith("(conversation cleared)")  # EOF after the last command: a clean exit
 
 
-def test_generate_prints_text(generate, stories, capsys, tmp_path):
+def test_generate_prints_text(generate, stories3, capsys, tmp_path):
     out_json = tmp_path / "g.json"
-    assert generate.main(["--model-dir", str(stories), "--prompt", "Once upon a time", "--max-new-tokens", "10",
+    assert generate.main(["--model-dir", str(stories3), "--prompt", "Once upon a time", "--max-new-tokens", "10",
                           "--device", "cpu", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("---\nOnce upon a time") and "tokens/s" in out

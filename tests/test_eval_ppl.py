@@ -1,38 +1,19 @@
 """evaluation/ppl.py on stories260k: CLI, JSON schema, the modes' ordering, the original."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import prepare_by_hand
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {"model", "dataset", "mode", "k_chunk", "ppl", "tokens", "method", "bits", "seqlen", "windows",
                "seconds", "cpu_seconds", "device", "path"}
 
 
-def load_script(path: Path):
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(f"eval_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ppl():
     return load_script(ROOT / "evaluation" / "ppl.py")
-
-
-@pytest.fixture(scope="module")
-def stories3(tmp_path_factory, data_dir) -> Path:
-    from decdec.resolve import load_original
-    model, tokenizer, _ = load_original("stories260k", data_dir=data_dir)
-    out = tmp_path_factory.mktemp("stories3_eval")
-    prepare_by_hand(model, out, bits=3, group_size=32, tokenizer=tokenizer)
-    return out
 
 
 def test_modes_json_and_ordering(ppl, stories3, data_dir, tmp_path):

@@ -1,22 +1,17 @@
 """evaluation/report.py: merging, the gap-recovery arithmetic, cost ratios, task tables, plots."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report():
-    path = ROOT / "evaluation" / "report.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("eval_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "evaluation" / "report.py")
 
 
 def rec(mode, k, ppl, bits=3.0, method="awq", model="m-awq3", **extra):

@@ -1,35 +1,25 @@
 """evaluation/tasks.py and the offline task YAMLs: the loaders read the data directory into the
 hub's shapes, and lm-eval runs on our model (stories260k) offline."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import prepare_by_hand
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_module(path: Path, name: str):
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def loaders():
     pytest.importorskip("datasets")
-    return load_module(ROOT / "evaluation" / "tasks" / "decdec_tasks.py", "decdec_tasks")
+    return load_script(ROOT / "evaluation" / "tasks" / "decdec_tasks.py")
 
 
 @pytest.fixture(scope="module")
 def tasks_cli():
     pytest.importorskip("lm_eval")
-    return load_module(ROOT / "evaluation" / "tasks.py", "eval_tasks")
+    return load_script(ROOT / "evaluation" / "tasks.py")
 
 
 def test_loaders_match_the_hub_shapes(loaders, data_dir):
@@ -60,15 +50,6 @@ def test_every_bbh_task_has_a_yaml(data_dir):
     assert names == yamls and len(names) == 27
     group = (ROOT / "evaluation" / "tasks" / "decdec_bbh.yaml").read_text()
     assert all(f"  - decdec_bbh_{n}\n" in group for n in names)
-
-
-@pytest.fixture(scope="module")
-def stories3(tmp_path_factory, data_dir) -> Path:
-    from decdec.resolve import load_original
-    model, tokenizer, _ = load_original("stories260k", data_dir=data_dir)
-    out = tmp_path_factory.mktemp("stories3_tasks")
-    prepare_by_hand(model, out, bits=3, group_size=32, tokenizer=tokenizer)
-    return out
 
 
 def test_multiple_choice_offline(tasks_cli, stories3, data_dir, tmp_path):

@@ -1,7 +1,5 @@
 """decdec_setup scripts on stories260k: the one-command path, steps run alone, bad input, interruption."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,20 +7,14 @@ import torch
 
 import decdec
 from decdec import artifacts
+from helpers import load_script
 
 SETUP = Path(__file__).resolve().parents[1] / "decdec_setup"
-sys.path.insert(0, str(SETUP))
 SMALL = ["--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--group-size", "32"]
 
 
 def script(name: str):
-    """A decdec_setup script as a module (a unique name: other stages have scripts too)."""
-    key = f"decdec_setup_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, SETUP / f"{name}.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
+    return load_script(SETUP / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """autotuner/tune.py end to end on a tiny synthetic model: dry run, table reuse, the written
 config as load_prepared reads it, and the measuring path (timed on CPU here)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,16 +8,10 @@ import pytest
 import decdec
 from decdec import artifacts
 from decdec.synthetic import write_synthetic_model
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DRY = ["--dry-run", "--mem-bw", "3350", "--pcie-bw", "52", "--sms", "132"]
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
