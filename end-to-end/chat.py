@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import decdec
-from decdec.generation import DecodeSession, parse_k_chunk
+from decdec.generation import DecodeSession, load_for_generation, parse_k_chunk
 
 HELP = "/reset  /decdec on|off  /k N (or /k kind=N,...)  /quit"
 
@@ -169,19 +169,10 @@ class Chat:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoTokenizer
     args = parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = decdec.load_prepared(args.model_dir, args.device, dtype=dtype, mode="none" if args.no_decdec else None)
-    if args.k_chunk is not None:
-        try:
-            decdec.configure(model, k_chunk=parse_k_chunk(args.k_chunk, [g.kind for g in decdec.selection_groups(model)]))
-        except ValueError as e:
-            raise SystemExit(f"--k-chunk: {e}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    except (OSError, ValueError):
-        raise SystemExit(f"{args.model_dir} has no tokenizer: chat needs one (synthetic models have none)") from None
+    model, tokenizer = load_for_generation(args.model_dir, args.device, args.dtype, args.no_decdec, args.k_chunk)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model_dir} has no tokenizer: chat needs one (synthetic models have none)")
     chat = Chat(model, tokenizer, args)
     if args.prompt is not None:
         print(f"> {args.prompt}")

@@ -30,7 +30,7 @@ import torch
 
 import decdec
 from decdec import tuning
-from decdec.generation import DecodeSession, GenerationResult, parse_k_chunk
+from decdec.generation import DecodeSession, GenerationResult, load_for_generation
 from decdec.synthetic import SHAPES, ensure_synthetic_model
 from decdec.timing import device_name, memory_bandwidth
 
@@ -95,19 +95,7 @@ def resolve_model_dir(args: argparse.Namespace) -> Path:
 
 def load(args: argparse.Namespace, model_dir: Path):
     """(model, tokenizer or None)."""
-    from transformers import AutoTokenizer
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = decdec.load_prepared(model_dir, args.device, dtype=dtype, mode="none" if args.no_decdec else None)
-    if args.k_chunk is not None:
-        try:
-            decdec.configure(model, k_chunk=parse_k_chunk(args.k_chunk, [g.kind for g in decdec.selection_groups(model)]))
-        except ValueError as e:
-            raise SystemExit(f"--k-chunk: {e}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError):
-        tokenizer = None  # synthetic models have none
-    return model, tokenizer
+    return load_for_generation(model_dir, args.device, args.dtype, args.no_decdec, args.k_chunk)
 
 
 def prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> torch.Tensor:

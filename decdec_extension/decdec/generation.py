@@ -18,6 +18,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -260,3 +261,23 @@ def parse_k_chunk(text: str, kinds: list[str] | None = None) -> int | dict[str, 
     if unknown:
         raise ValueError(f"k_chunk {text!r}: unknown kinds {unknown}; the model's kinds are {sorted(set(kinds))}")
     return value
+
+
+def load_for_generation(model_dir: str | Path, device: str, dtype: str | None = None, no_decdec: bool = False,
+                        k_chunk: str | None = None):
+    """(model, tokenizer or None) for chat and generation: the tuned config unless ``no_decdec``;
+    ``k_chunk`` as the user typed it (see :func:`parse_k_chunk`). Bad settings exit with a message."""
+    from transformers import AutoTokenizer
+    from .prepared import configure, load_prepared
+    model = load_prepared(model_dir, device, dtype=getattr(torch, dtype) if dtype else None,
+                          mode="none" if no_decdec else None)
+    if k_chunk is not None:
+        try:
+            configure(model, k_chunk=parse_k_chunk(k_chunk, [g.kind for g in selection_groups(model)]))
+        except ValueError as e:
+            raise SystemExit(f"--k-chunk: {e}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        tokenizer = None  # synthetic models have none
+    return model, tokenizer
