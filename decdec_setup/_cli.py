@@ -10,8 +10,11 @@ from typing import Iterator
 
 import torch
 
+from decdec import artifacts
 from decdec.calibration import Calibration, calibration_data, check_calib_source
-from decdec.quantizers import METHODS
+from decdec.prepared import default_dtype
+from decdec.quantizers import METHODS, check_out_dir, check_quant_settings, parse_bits
+from decdec.resolve import load_config, load_original, resolve_model
 from decdec.quantizers.pipeline import SUMMARY, deployed_sizes, write_summary
 
 DEFAULT_NSAMPLES = 100
@@ -26,6 +29,34 @@ def add_quantization(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the prepared model directory to write")
     parser.add_argument("--group-size", type=int, default=128, help="uniform methods: input channels per group (128)")
     parser.add_argument("--overwrite", action="store_true", help="replace a directory that holds another model")
+
+
+def quantization_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of quantize.py and prepare.py."""
+    p = argparse.ArgumentParser(description=description)
+    add_quantization(p)
+    add_calibration(p)
+    add_device(p)
+    return p
+
+
+def load_original_model(name: str, args: argparse.Namespace, stages: "Stages"):
+    """(model, tokenizer) of the original, in the dtype the setup device computes in."""
+    config = load_config(resolve_model(name, args.data_dir))
+    with stages("load original"):
+        model, tokenizer, _ = load_original(name, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
+    return model, tokenizer
+
+
+def load_for_quantization(args: argparse.Namespace, stages: "Stages"):
+    """Checks --out and the settings around loading the original: (model, tokenizer, bits, the
+    quant config already in --out or None)."""
+    bits = parse_bits(args.bits)
+    config = load_config(resolve_model(args.model, args.data_dir))
+    existing = check_out_dir(args.out, artifacts.model_identity(config, args.model), args.overwrite)
+    model, tokenizer = load_original_model(args.model, args, stages)
+    check_quant_settings(model, args.method, bits, args.group_size)
+    return model, tokenizer, bits, existing
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _cli import Stages, add_device, check_args, finish, run_cli
+from _cli import Stages, add_device, check_args, finish, load_original_model, run_cli
 from decdec import artifacts
-from decdec.prepared import default_dtype
 from decdec.quantizers import build_cheatsheet
-from decdec.resolve import load_config, load_original, resolve_model
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,9 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_args(args)
     qc = artifacts.read_quant_config(args.model_dir)  # before loading anything: is this a prepared directory?
     stages = Stages()
-    config = load_config(resolve_model(args.original, args.data_dir))
-    with stages("load original"):
-        model, _, _ = load_original(args.original, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
+    model, _ = load_original_model(args.original, args, stages)
     with stages("cheatsheet"):
         build_cheatsheet(model, args.model_dir, args.device)
     return finish(args.model_dir, stages, {"model": args.original, "device": args.device,

@@ -3,37 +3,20 @@
 thresholds. A step whose valid result is already in --out (same settings) is not redone."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from _cli import (Stages, add_calibration, add_device, add_quantization, check_args, finish, load_calibration,
-                  quant_settings, run_cli)
+from _cli import (Stages, check_args, finish, load_calibration, load_for_quantization, quant_settings,
+                  quantization_parser, run_cli)
 from decdec import artifacts
-from decdec.prepared import default_dtype, group_input_sizes
-from decdec.quantizers import (build_cheatsheet, check_out_dir, check_quant_settings,
-                               measure_thresholds, parse_bits, quantize_to_dir)
-from decdec.resolve import load_config, load_original, resolve_model
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
-    add_quantization(p)
-    add_calibration(p)
-    add_device(p)
-    return p
+from decdec.prepared import group_input_sizes
+from decdec.quantizers import build_cheatsheet, measure_thresholds, quantize_to_dir
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
+    args = quantization_parser(__doc__).parse_args(argv)
     check_args(args)
-    bits = parse_bits(args.bits)
     stages = Stages()
-    source = resolve_model(args.model, args.data_dir)
-    config = load_config(source)
-    existing = check_out_dir(args.out, artifacts.model_identity(config, args.model), args.overwrite)
-    with stages("load original"):
-        model, tokenizer, _ = load_original(args.model, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
-    check_quant_settings(model, args.method, bits, args.group_size)
+    model, tokenizer, bits, existing = load_for_quantization(args, stages)
     settings = quant_settings(args, bits)
     with stages("calibration data"):
         calib = load_calibration(args, tokenizer, model)
