@@ -147,27 +147,15 @@ class _BatchedSelectionGroup(SelectionGroup):
 
 class _BatchedDecDECLinear(DecDECLinear):
     """A DecDECLinear whose compensated multi-token inputs use :func:`fast_residual_correction`
-    with the residual levels unpacked once (kept on the layer's device)."""
+    with the residual levels unpacked once (kept on the input's device)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        sel = self.selection
-        if (self.residual is None or sel is None or not sel.is_prefill(x) or not sel.compensate_prefill
-                or not sel.active):
-            return super().forward(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        base = self.dense_weight(torch.float32)
+    def correction(self, x: Tensor, channels: Tensor) -> Tensor:
+        if not self.selection.is_prefill(x):
+            return super().correction(x, channels)
         levels = getattr(self, "_levels", None)
-        if levels is None or levels.device != base.device:
-            levels = self._levels = residual_levels(self.residual, base.device)
-        if sel.mode == "full":  # every channel: the dense product, no selection
-            correction = (x.float() @ levels) * self.residual.scales.to(x.device).float()
-        else:
-            correction = fast_residual_correction(x, sel.select(x), levels, self.residual.scales)
-        out = torch.nn.functional.linear(x.float(), base) + correction
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        if levels is None or levels.device != x.device:
+            levels = self._levels = residual_levels(self.residual, x.device)
+        return fast_residual_correction(x, channels, levels, self.residual.scales)
 
 
 def use_batched_compensation(model: nn.Module) -> int:

@@ -168,8 +168,7 @@ def forward(module, x: Tensor) -> Tensor | None:
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     tokens = x2.shape[0]
-    compensate = (state.residual is not None and group is not None and group.active
-                  and not (group.is_prefill(x) and not group.compensate_prefill))
+    compensate = state.residual is not None and group is not None and group.compensates(x)
     if not compensate:
         if tokens <= ops.MAX_TOKENS:
             out = state.weight.gemv(x2, bias)

@@ -79,10 +79,14 @@ class SelectionGroup(nn.Module):
     def is_prefill(self, x: Tensor) -> bool:
         return x.dim() >= 3 and x.shape[-2] > 1
 
+    def compensates(self, x: Tensor) -> bool:
+        """Whether the input ``x`` gets compensation under the current settings."""
+        return self.active and (self.compensate_prefill or not self.is_prefill(x))
+
     def select(self, x: Tensor) -> Tensor | None:
         """Channels [..., k] for ``x``, or None when this input gets no compensation. The linears
         of the group call this with the same tensor: the selection is computed once for it."""
-        if not self.active or (self.is_prefill(x) and not self.compensate_prefill):
+        if not self.compensates(x):
             return None
         key = (x.data_ptr(), x._version, tuple(x.shape), self.mode, self.k_chunk)
         if self._cache_key == key and self._cache_input is not None and self._cache_input() is x:
@@ -158,10 +162,14 @@ class DecDECLinear(nn.Module):
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         # fp32 accumulation of base + correction, one rounding at the end
         out = F.linear(x.float(), self.dense_weight(torch.float32))
-        out = out + residual_correction(x, channels, self.residual)
+        out = out + self.correction(x, channels)
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(x.dtype)
+
+    def correction(self, x: Tensor, channels: Tensor) -> Tensor:
+        """fp32 [..., out]: the residual correction of the selected ``channels`` of ``x``."""
+        return residual_correction(x, channels, self.residual)
 
     def extra_repr(self) -> str:
         fmt = self.weight_meta
