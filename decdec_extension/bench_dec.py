@@ -5,7 +5,8 @@ k_chunk within +2.5 % of the base) next to the analytic knee 1024 / R_bw * b / 4
 memory bandwidth / PCIe bandwidth, both measured in the same run.
 
 Timings: median CUDA-graph replay of one graph over weight copies larger than twice the L2 cache,
-per call. Batch 1. Writes JSON (--out) and prints a table.
+per call. Batch 1. Writes JSON (--out) and prints a table. --given-channels passes the selection
+precomputed (the path of the static/random modes), which isolates the cost of selecting on the GPU.
 
     python decdec_extension/bench_dec.py --out runs/bench_dec.json
 """
@@ -29,7 +30,7 @@ K_CHUNKS = [0, 1, 2, 4, 8, 16, 32, 64]
 SLOWDOWN = 1.025
 
 
-def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int) -> dict:
+def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_channels: bool = False) -> dict:
     device = torch.device("cuda")
     l2 = l2_cache_bytes(device)
     mem_bw, pcie_bw = memory_bandwidth(device), pcie_bandwidth(device)
@@ -43,7 +44,7 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int) -> dict
         host = ops.alloc_pinned(k * stride)
         host.view(torch.int32).random_()  # any nibble pattern is a valid residual
         scales = (torch.rand(n, device=device) * 1e-3).half()
-        counters = torch.zeros(-(-n // 16), dtype=torch.int32, device=device)
+        mailbox = ops.new_mailbox(1, n, device)
         w0 = random_gpu_weight(fmt, bits, k, n, device)
         ws = [w0] + [random_gpu_weight(fmt, bits, k, n, device) for _ in range(copies_for(weight_bytes(w0), l2) - 1)]
         base = time_rotated([lambda w=w: w.gemv(x, None) for w in ws], device, repeats)
@@ -51,9 +52,11 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int) -> dict
         for n_tb in n_tbs:
             times = []
             for kc in k_chunks:
-                calls = [lambda w=w, kc=kc: ops.gemv_dec(x, w.qweight, w.meta, None, w.fmt, w.bits, w.group_size, n, k,
-                                                         envelope, None, kc, host.data_ptr(), stride, scales, n_tb,
-                                                         counters) for w in ws]
+                channels = ops.select_channels(x, envelope, kc) if given_channels else None
+                calls = [lambda w=w, kc=kc, c=channels: ops.gemv_dec(x, w.qweight, w.meta, None, w.fmt, w.bits,
+                                                                     w.group_size, n, k, envelope, c, kc,
+                                                                     host.data_ptr(), stride, scales, n_tb, mailbox)
+                         for w in ws]
                 times.append(time_rotated(calls, device, repeats) * 1e6)
             row["dec_us"][str(n_tb)] = times
         best = [min(row["dec_us"][str(t)][i] for t in n_tbs) for i in range(len(k_chunks))]
@@ -72,14 +75,16 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int) -> dict
         torch.cuda.empty_cache()
     return {"device": device_name(device), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mem_TBps": mem_bw / 1e12,
-            "pcie_GBps": pcie_bw / 1e9, "R_bw": r_bw, "n_tb": n_tbs, "k_chunk": k_chunks, "rows": rows}
+            "pcie_GBps": pcie_bw / 1e9, "R_bw": r_bw, "n_tb": n_tbs, "k_chunk": k_chunks,
+            "given_channels": given_channels, "rows": rows}
 
 
 def table(result: dict) -> str:
     ks = result["k_chunk"]
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; batch 1, CUDA graph replay; device memory "
              f"{result['mem_TBps']:.2f} TB/s, pinned memcpy {result['pcie_GBps']:.1f} GB/s, R_bw {result['R_bw']:.1f}",
-             "us per call, best n_tb of " + str(result["n_tb"]),
+             "us per call, best n_tb of " + str(result["n_tb"]) +
+             (", selection precomputed (--given-channels)" if result.get("given_channels") else ""),
              "| linear | fmt | base | " + " | ".join(f"k={k}" for k in ks) +
              " | fixed cost (k=1) | max fetch GB/s | knee measured / analytic |",
              "|---" * (len(ks) + 6) + "|"]
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k-chunk", default=",".join(map(str, K_CHUNKS)), help="comma-separated k_chunk values")
     parser.add_argument("--formats", default="uniform3,uniform4,lut3,lut4", help="subset of uniform3,uniform4,lut3,lut4")
     parser.add_argument("--repeats", type=int, default=15, help="timed graph replays per measurement")
+    parser.add_argument("--given-channels", action="store_true",
+                        help="pass the selection precomputed instead of selecting in the kernel")
     parser.add_argument("--out", type=Path, default=Path("bench_dec.json"), help="JSON output path")
     args = parser.parse_args(argv)
     try:
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--formats: choose from {sorted(names)}")
     if not ops.available():
         sys.exit("needs a CUDA device and the compiled extension decdec._C")
-    result = bench([names[f] for f in fmts], n_tbs, k_chunks, args.repeats)
+    result = bench([names[f] for f in fmts], n_tbs, k_chunks, args.repeats, args.given_channels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))

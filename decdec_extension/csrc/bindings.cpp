@@ -149,7 +149,7 @@ Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, cons
                 int64_t fmt, int64_t bits, int64_t group_size, int64_t out_features, int64_t in_features,
                 const Tensor& envelope,
                 const std::optional<Tensor>& channels, int64_t k_chunk, int64_t residual_ptr, int64_t residual_stride,
-                const Tensor& residual_scales, int64_t n_tb, const Tensor& counters) {
+                const Tensor& residual_scales, int64_t n_tb, const Tensor& mailbox) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   Tensor out;
   decdec::GemvParams p = base_params(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features, out);
@@ -162,10 +162,11 @@ Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, cons
   TORCH_CHECK_TYPE(residual_scales.scalar_type() == at::kHalf, "decdec: residual_scales must be float16");
   TORCH_CHECK(residual_scales.dim() == 1 && residual_scales.size(0) == N, "decdec: residual_scales must be [", S(N),
                     "]");
-  check_cuda(counters, "counters", x);
-  TORCH_CHECK_TYPE(counters.scalar_type() == at::kInt, "decdec: counters must be int32");
-  TORCH_CHECK(counters.dim() == 1 && counters.size(0) == (N + decdec::kTileRows - 1) / decdec::kTileRows,
-                    "decdec: counters must be [ceil(N / 16)] = [", S((N + 15) / 16), "]");
+  check_cuda(mailbox, "mailbox", x);
+  TORCH_CHECK_TYPE(mailbox.scalar_type() == at::kLong, "decdec: mailbox must be int64");
+  TORCH_CHECK(mailbox.is_contiguous() && mailbox.numel() >= x.size(0) * N,
+                    "decdec: mailbox must be contiguous with at least tokens x out_features = ", S(x.size(0) * N),
+                    " elements, got ", S(mailbox.numel()));
   TORCH_CHECK(n_tb >= 1, "decdec: n_tb must be at least 1, got ", S(n_tb));
   int64_t k_total;
   if (channels.has_value()) {
@@ -191,9 +192,7 @@ Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, cons
   p.residual = reinterpret_cast<const uint8_t*>(residual_ptr);
   p.res_stride = residual_stride;
   p.res_scales = residual_scales.data_ptr();
-  Tensor work = at::empty({2, x.size(0), residual_stride * 2}, x.options().dtype(at::kFloat));
-  p.work = work.data_ptr<float>();
-  p.counters = counters.data_ptr<int>();
+  p.mailbox = reinterpret_cast<unsigned long long*>(mailbox.data_ptr<int64_t>());
   TORCH_CHECK(decdec::gemv_smem_bytes(p) <= 227 * 1024, "decdec: ", S(k_total),
                     " selected channels need more shared memory than a block has; lower k_chunk");
   launch(p);

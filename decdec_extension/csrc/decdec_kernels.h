@@ -46,8 +46,10 @@ struct GemvParams {
   const uint8_t* residual;   // mapped pinned host memory [K, res_stride] (device-visible pointer)
   int64_t res_stride;        // bytes per residual row, a multiple of 16
   const void* res_scales;    // fp16 [N] on the device
-  float* work;               // fp32 [2, B, res_stride * 2]: base and correction before the merge
-  int* counters;             // int32 [ceil(N / 16)], zero between calls (each call leaves them zero)
+  // [B, N] tagged corrections, zero between calls (each call leaves it zero): a DEC block stores
+  // (fp32 bits | 1 << 32) in one 8-byte store, the GEMV block owning the output waits for the tag,
+  // adds the value and stores 0 back
+  unsigned long long* mailbox;
 };
 
 int padded_rows(int N);

@@ -9,10 +9,13 @@
 // - a DEC block selects the channels of each token (DESIGN.md: bucket edges from the envelope,
 //   lowest index first in the overflowing bucket, NaN last), reads its slice of the selected
 //   residual rows straight from mapped pinned host memory, and forms the correction in fp32;
-// - the merge: both sides write their fp32 part to a workspace and bump a per-16-row counter; the
-//   second to arrive writes out = (base + correction) + bias and resets the counter to zero. Every
-//   output is one fixed sum of fixed-order sums: results are bitwise reproducible, and no block ever
-//   waits for another (no deadlock whatever the scheduling).
+// - the merge happens in the GEMV block: a DEC block stores each fp32 correction together with a
+//   ready tag in one 8-byte word of a mailbox; the GEMV block owning that output (which prefetched
+//   the word when it started the tile) writes out = (base + correction) + bias, waiting for the tag
+//   only if the DEC block is not done yet, and clears the word. No fences and no atomics on either
+//   side; every output is one fixed sum of fixed-order sums, so results are bitwise reproducible.
+//   GEMV blocks may wait on DEC blocks, never the reverse; the DEC blocks have the lowest indices
+//   and the grid is at most one resident wave, so they are running whenever anyone waits.
 #include "decdec_kernels.h"
 
 #include <cuda_bf16.h>
@@ -25,7 +28,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kKSteps = kTileK / 16;
 constexpr int kPartStride = 33;  // floats per partial row of 32 (padding avoids bank conflicts)
-constexpr int kBucketNone = 33;  // channels past the end of a partial chunk: never selected
 
 __host__ __device__ inline int div_up(int a, int b) { return (a + b - 1) / b; }
 
@@ -36,6 +38,9 @@ template <>
 struct Act<kHalf> {
   using T = __half;
   static constexpr uint32_t kMagicBase = 0x6400u;  // fp16 1024: 1024 + q is exact for q < 1024
+  static constexpr uint32_t kInfBits = 0x7c00u;
+  // the smallest fp16 >= f, as bits
+  __device__ static uint32_t round_up_bits(float f) { return __half_as_ushort(__float2half_ru(f)); }
   __device__ static float to_float(T v) { return __half2float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_half(b); }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
@@ -59,6 +64,8 @@ template <>
 struct Act<kBFloat16> {
   using T = __nv_bfloat16;
   static constexpr uint32_t kMagicBase = 0x4300u;  // bf16 128: 128 + q is exact for q < 128
+  static constexpr uint32_t kInfBits = 0x7f80u;
+  __device__ static uint32_t round_up_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_ru(f)); }
   __device__ static float to_float(T v) { return __bfloat162float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
@@ -124,145 +131,145 @@ __device__ __forceinline__ void load_tile(const uint4* tile, uint4* w) {
 // ------------------------------------------------------------------------------------------------
 // Selection (shared by the DEC role and the standalone kernel)
 
-// Lower bucket edges in fp32 exactly as selection.bucket_edges computes them (IEEE operations,
-// immune to fast-math), computed by one whole warp; returns whether the edges are non-increasing
-// and NaN-free, which allows finding a bucket by interpolation.
-__device__ bool compute_edges(const float* envelope, int k_total, float* edges, int lane) {
+// The selection works on 16-bit keys, two per register, compared with integer arithmetic: for
+// |x| in the activation dtype and an fp32 bucket edge e, |x| >= e exactly when the bits of |x| are
+// >= the bits of e rounded up to that dtype (non-negative floats order like their bits). Keys are
+// bits + 1, and 0 for NaN (and for channels past the end of a partial chunk), so NaN is never >=
+// an edge; an edge that is NaN gets a key above every value. Since a bucket is "the smallest i with
+// |x| >= edges[i]", bucket <= b exactly when |x| >= min(edges[0..b]): with those running minima
+// (non-increasing) as keys, every count the selection needs is a count of key >= edge key.
+constexpr uint32_t kHalfTops = 0x80008000u;
+constexpr uint32_t kNeverKey = 0x7fffu;  // above every value key
+
+// Edge keys (both halves) of DESIGN.md's bucket edges, computed in fp32 exactly as
+// selection.bucket_edges does (IEEE operations, immune to fast-math), by one whole warp.
+template <int DT>
+__device__ void compute_edge_keys(const float* envelope, int k_total, uint32_t* edge_keys, int lane) {
   const float bhi = envelope[0];
   const float blo = envelope[k_total - 1];
-  const float v = lane < 16 ? __fsub_rn(bhi, __fdiv_rn(__fmul_rn(__fsub_rn(bhi, blo), float(lane)), 15.0f))
+  const float e = lane < 16 ? __fsub_rn(bhi, __fdiv_rn(__fmul_rn(__fsub_rn(bhi, blo), float(lane)), 15.0f))
                             : __fdiv_rn(__fmul_rn(blo, float(31 - lane)), 16.0f);
-  edges[lane] = v;
-  const float next = __shfl_down_sync(0xffffffffu, v, 1);
-  const bool ok = (v == v) && (lane == 31 || v >= next);
-  return __all_sync(0xffffffffu, ok);
+  // every |x| >= 0 is >= an edge e <= 0, as it is >= 0
+  uint32_t key = e != e ? kNeverKey : Act<DT>::round_up_bits(e > 0.f ? e : 0.f) + 1;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {  // running minimum over lanes 0..lane
+    const uint32_t prev = __shfl_up_sync(0xffffffffu, key, d);
+    if (lane >= d) key = min(key, prev);
+  }
+  edge_keys[lane] = key * 0x10001u;
 }
 
-// The smallest i with a >= edges[i]; 32 when there is none (NaN): the definition, for edges that
-// are not non-increasing.
-__device__ __forceinline__ int bucket_of(float a, const float* edges) {
-  for (int i = 0; i < 32; ++i)
-    if (a >= edges[i]) return i;
-  return 32;
-}
-
-// One warp loads the activations of one chunk: lane l holds channels chunk * 1024 + 32 l + i,
-// i = 0..31, as 16 pairs (zero past the end); four 16-byte loads per lane where x allows.
+// One warp loads the keys of one chunk: lane l holds channels chunk * 1024 + 32 l + i, i = 0..31,
+// as 16 pairs; four 16-byte loads per lane where x allows.
 template <int DT>
-__device__ __forceinline__ void load_chunk_x(const typename Act<DT>::T* xrow, int K, int chunk, int lane,
-                                             uint32_t* xv) {
+__device__ __forceinline__ void load_chunk_keys(const typename Act<DT>::T* xrow, int K, int chunk, int lane,
+                                                uint32_t* keys) {
   const int first = chunk * kChunk + lane * 32;
   if (K % 8 == 0 && reinterpret_cast<uintptr_t>(xrow) % 16 == 0 && first + 32 <= K) {
     const uint4* src = reinterpret_cast<const uint4*>(xrow + first);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint4 v = __ldg(src + j);
-      xv[4 * j] = v.x;
-      xv[4 * j + 1] = v.y;
-      xv[4 * j + 2] = v.z;
-      xv[4 * j + 3] = v.w;
+      keys[4 * j] = v.x;
+      keys[4 * j + 1] = v.y;
+      keys[4 * j + 2] = v.z;
+      keys[4 * j + 3] = v.w;
     }
   } else {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xrow);
+    constexpr uint32_t nan = Act<DT>::kInfBits + 1;  // past the end: NaN, key 0
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const int ch = first + 2 * j;
-      xv[j] = (ch < K ? uint32_t(src[ch]) : 0u) | (ch + 1 < K ? uint32_t(src[ch + 1]) << 16 : 0u);
+      keys[j] = (ch < K ? uint32_t(src[ch]) : nan) | (ch + 1 < K ? uint32_t(src[ch + 1]) : nan) << 16;
     }
+  }
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t a = keys[j] & 0x7fff7fffu;
+    // top bit of each half where a > inf, i.e. NaN (no borrow crosses halves: both sides < 0x8000)
+    const uint32_t nan = ((a | kHalfTops) - (Act<DT>::kInfBits + 1) * 0x10001u) & kHalfTops;
+    keys[j] = (a + 0x10001u) & ~(nan - (nan >> 15));
   }
 }
 
-template <int DT>
-__device__ __forceinline__ float chunk_abs(const uint32_t* xv, int i) {
-  return fabsf(Act<DT>::to_float(Act<DT>::from_bits(uint16_t(xv[i >> 1] >> (16 * (i & 1))))));
+// Per half: bit 15 set where key >= edge key (both < 0x8000).
+__device__ __forceinline__ uint32_t ge_tops(uint32_t keys, uint32_t edge) { return ((keys | kHalfTops) - edge) & kHalfTops; }
+
+// How many of the warp's keys are >= edge (edge key in both halves).
+__device__ __forceinline__ int count_ge(const uint32_t* keys, uint32_t edge) {
+  uint32_t c = 0;  // per half, at most 16
+#pragma unroll
+  for (int j = 0; j < 16; ++j) c += ge_tops(keys[j], edge) >> 15;
+  return int(__reduce_add_sync(0xffffffffu, (c & 0xffffu) + (c >> 16)));
 }
 
-// One warp selects the quota of one chunk of one token from its activations xv (load_chunk_x)
-// and writes the chosen channels ascending at out[0 ...].
-template <int DT>
-__device__ void select_chunk(const uint32_t* xv, int K, int chunk, int k_chunk, const float* edges, bool monotone,
-                             int* out, int lane) {
+// Bit i set where the lane's key i is >= edge.
+__device__ __forceinline__ uint32_t mask_ge(const uint32_t* keys, uint32_t edge) {
+  uint32_t m = 0;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t t = ge_tops(keys[j], edge);
+    m |= ((t >> 15) & 1u) << (2 * j) | (t >> 31) << (2 * j + 1);
+  }
+  return m;
+}
+
+// One warp selects the quota of one chunk of one token from its keys (load_chunk_keys) and writes
+// the chosen channels ascending at out[0 ...]: DESIGN.md's rule, from counts only. The threshold
+// bucket tb is the smallest b with count(bucket <= b) >= quota (b = 32, which holds NaN, always
+// qualifies); every channel of a bucket < tb is taken, then those of bucket tb, lowest index first.
+__device__ void select_chunk(const uint32_t* keys, int K, int chunk, int k_chunk, const uint32_t* edge_keys, int* out,
+                             int lane) {
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
   if (quota == 0) return;
   const int first = c0 + lane * 32;
-  // With non-increasing edges (the normal case) a bucket is found by interpolation, then corrected
-  // against the exact fp32 edges (the smallest i with a >= edges[i] within its half); buckets 0..15
-  // hold a >= edges[15], 16..31 the rest (edges[31] = 0), NaN goes to 32. Other edges: linear scan.
-  const float e0 = edges[0], e15 = edges[15], e16 = edges[16];
-  const float inv_hi = e0 > e15 ? 15.f / (e0 - e15) : 0.f;
-  const float inv_lo = e16 > 0.f ? 15.f / e16 : 0.f;
-  uint8_t bk[32];
-  int upper = 0;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    const float a = chunk_abs<DT>(xv, i);
-    int b;
-    if (first + i >= c0 + len) {
-      b = kBucketNone;
-    } else if (!monotone) {
-      b = bucket_of(a, edges);
-    } else if (!(a == a)) {
-      b = 32;
-    } else {
-      // guess, one branch-free correction step, then a check; the exact walk only when the guess
-      // was off by more than one (fp32 interpolation error is far smaller than a bucket)
-      const bool up = a >= e15;
-      const int first_b = up ? 0 : 16, last_b = up ? 15 : 31;
-      b = up ? min(max(int((e0 - a) * inv_hi), 0), 15) : 31 - min(max(int(a * inv_lo), 0), 15);
-      b += (b < last_b && a < edges[b]);
-      b -= (b > first_b && a >= edges[b - 1]);
-      if (!(a >= edges[b] && (b == first_b || a < edges[b - 1]))) {
-        while (b < last_b && a < edges[b]) ++b;
-        while (b > first_b && a >= edges[b - 1]) --b;
-      }
-    }
-    bk[i] = uint8_t(b);
-    upper += b <= 15;
-  }
-  // threshold bucket: the smallest b with count(bucket <= b) >= quota (b = 32 always qualifies);
-  // the count of buckets 0..15 tells which half it is in
   int lo = 0, hi = 32;
-  if (int(__reduce_add_sync(0xffffffffu, unsigned(upper))) >= quota) hi = 15;
-  else lo = 16;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    int c = 0;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) c += bk[i] <= mid;
-    if (int(__reduce_add_sync(0xffffffffu, unsigned(c))) >= quota) hi = mid;
+    if (count_ge(keys, edge_keys[mid]) >= quota) hi = mid;
     else lo = mid + 1;
   }
   const int tb = lo;
-  int less = 0, eq = 0;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    less += bk[i] < tb;
-    eq += bk[i] == tb;
-  }
+  const int valid = min(max(c0 + len - first, 0), 32);  // channels of this lane inside the chunk
+  const uint32_t in_chunk = valid == 32 ? ~0u : (1u << valid) - 1;
+  const uint32_t below = tb > 0 ? mask_ge(keys, edge_keys[tb - 1]) : 0u;             // bucket < tb
+  const uint32_t at = (tb < 32 ? mask_ge(keys, edge_keys[tb]) : in_chunk) & ~below;  // bucket == tb
   // exclusive prefix over lanes (= over channel order) of both counts, packed (each <= 1024)
-  const int packed = less | (eq << 16);
+  const int packed = __popc(below) | (__popc(at) << 16);
   int incl = packed;
 #pragma unroll
   for (int d = 1; d < 32; d <<= 1) {
     const int v = __shfl_up_sync(0xffffffffu, incl, d);
     if (lane >= d) incl += v;
   }
-  const int total = __shfl_sync(0xffffffffu, incl, 31);
   const int excl = incl - packed;
-  const int room = quota - (total & 0xffff);  // taken from the threshold bucket, lowest index first
-  int eq_seen = excl >> 16;
-  int pos = (excl & 0xffff) + min(eq_seen, room);
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    if (bk[i] < tb) {
-      out[pos++] = first + i;
-    } else if (bk[i] == tb) {
-      if (eq_seen < room) out[pos++] = first + i;
-      ++eq_seen;
-    }
+  const int room = quota - (__shfl_sync(0xffffffffu, incl, 31) & 0xffff);  // > 0 by the choice of tb
+  const int at_before = excl >> 16;
+  uint32_t take = below;
+  uint32_t rest = at;
+  for (int n = room - at_before; n > 0 && rest != 0; --n) {  // this lane's share of bucket tb
+    take |= rest & (0u - rest);
+    rest &= rest - 1;
   }
+  int pos = (excl & 0xffff) + min(at_before, room);
+  for (; take != 0; take &= take - 1) out[pos++] = first + __ffs(int(take)) - 1;
+}
+
+// The mailbox word protocol (decdec_kernels.h): relaxed, gpu-scope 8-byte accesses, single-copy
+// atomic, so a reader sees either the old word or the whole new one.
+constexpr unsigned long long kReady = 1ull << 32;
+
+__device__ __forceinline__ unsigned long long load_relaxed(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_relaxed(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -272,18 +279,14 @@ template <int DT>
 __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   using A = Act<DT>;
   using T = typename A::T;
-  __shared__ float edges[32];
-  __shared__ int monotone_flag;
+  __shared__ uint32_t edge_keys[32];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pieces = int(p.res_stride / 16);  // 16 bytes = 32 output channels of a row
   const int p0 = int(int64_t(d) * pieces / p.n_tb), p1 = int(int64_t(d + 1) * pieces / p.n_tb);
   const int np = p1 - p0;
-  const int W = int(p.res_stride * 2);
   const int k = p.k_total;
   float* part = reinterpret_cast<float*>(smem);           // [kThreads][kPartStride]
   int* sel = reinterpret_cast<int*>(part + kThreads * kPartStride);  // [k]
-  float* base = p.work;
-  float* corr = p.work + size_t(p.B) * W;
   const T* x = reinterpret_cast<const T*>(p.x);
   const __half* scales = reinterpret_cast<const __half*>(p.res_scales);
 
@@ -297,16 +300,13 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
     } else {
       // the first chunk's activations load while warp 0 computes the edges (one round trip)
       const int chunks = div_up(p.K, kChunk);
-      uint32_t xv[16];
-      if (warp < chunks) load_chunk_x<DT>(xrow, p.K, warp, lane, xv);
-      if (b == 0 && warp == 0) {
-        const bool mono = compute_edges(p.envelope, k, edges, lane);
-        if (lane == 0) monotone_flag = mono;
-      }
+      uint32_t keys[16];
+      if (warp < chunks) load_chunk_keys<DT>(xrow, p.K, warp, lane, keys);
+      if (b == 0 && warp == 0) compute_edge_keys<DT>(p.envelope, k, edge_keys, lane);
       __syncthreads();
       for (int c = warp; c < chunks; c += kWarps) {
-        if (c != warp) load_chunk_x<DT>(xrow, p.K, c, lane, xv);
-        select_chunk<DT>(xv, p.K, c, p.k_chunk, edges, monotone_flag, sel + c * p.k_chunk, lane);
+        if (c != warp) load_chunk_keys<DT>(xrow, p.K, c, lane, keys);
+        select_chunk(keys, p.K, c, p.k_chunk, edge_keys, sel + c * p.k_chunk, lane);
       }
     }
     __syncthreads();
@@ -364,49 +364,12 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
           if (it >= npr * 32 || o >= p.N) continue;
           float v = 0.f;
           for (int r = 0; r < groups; ++r) v += part[(r * pr_count + q) * kPartStride + j];
-          corr[size_t(b) * W + o] = v * sc[u];
+          store_relaxed(p.mailbox + size_t(b) * p.N + o, __float_as_uint(v * sc[u]) | kReady);
         }
       }
       __syncthreads();
     }
   }
-  // merge: the second of (GEMV block, DEC block) to finish a 16-row tile writes it out; the
-  // tiles this block must merge are listed first, then all threads merge them together
-  __shared__ int n_merge;
-  int* merge = sel;  // the selection list is no longer needed
-  if (tid == 0) n_merge = 0;
-  __threadfence();
-  __syncthreads();
-  const int tiles = div_up(p.N, kTileRows);
-  const int t1 = min(2 * p1, tiles);
-  for (int tile = 2 * p0 + tid; tile < t1; tile += kThreads)
-    if (atomicAdd(&p.counters[tile], 1) == 1) merge[atomicAdd(&n_merge, 1)] = tile;
-  __threadfence();
-  __syncthreads();
-  const T* bias = reinterpret_cast<const T*>(p.bias);
-  T* out = reinterpret_cast<T*>(p.out);
-  const int items = n_merge * kTileRows * p.B;
-  for (int it0 = tid; it0 < items; it0 += 4 * kThreads) {
-    float v[4];
-    int dst[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {  // all loads first: four merges in flight per thread
-      const int it = it0 + u * kThreads;
-      dst[u] = -1;
-      if (it >= items) continue;
-      const int tile = merge[it / (kTileRows * p.B)];
-      const int rest = it % (kTileRows * p.B);
-      const int b = rest / kTileRows, row = tile * kTileRows + rest % kTileRows;
-      if (row >= p.N) continue;
-      v[u] = __ldcg(base + size_t(b) * W + row) + __ldcg(corr + size_t(b) * W + row);
-      if (bias != nullptr) v[u] += A::to_float(bias[row]);
-      dst[u] = b * p.N + row;
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-      if (dst[u] >= 0) out[dst[u]] = A::from_float(v[u]);
-  }
-  for (int i = tid; i < n_merge; i += kThreads) p.counters[merge[i]] = 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -419,15 +382,15 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
 __host__ __device__ inline int x_stage_bytes(int B, int K) { return B * (div_up(K, kTileK) * kTileK + 8) * 2; }
 
 // GS: 128 = the group size is 128 (two whole groups per 256-channel tile: no per-step group
-// logic); 0 = any multiple of 16 (generic path). Unused for LUT.
-template <int FMT, int BITS, int DT, int GS>
+// logic); 0 = any multiple of 16 (generic path). Unused for LUT. DEC: merge the DEC blocks'
+// corrections (mailbox) into the output.
+template <int FMT, int BITS, int DT, int GS, bool DEC>
 __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char* smem) {
   using A = Act<DT>;
   using T = typename A::T;
   constexpr int J = (BITS == 4 ? 16 : 12) / 4;
   constexpr int Q = 1 << BITS;
   constexpr uint32_t kMagic = A::kMagicBase * 0x10001u;
-  __shared__ int s_old;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int KT = div_up(p.K, kTileK);
   const int NT = div_up(p.N, kTileRows);
@@ -490,9 +453,16 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
 
   const T* bias = reinterpret_cast<const T*>(p.bias);
   T* out = reinterpret_cast<T*>(p.out);
-  const int W = int(p.res_stride * 2);
+  // epilogue ownership: thread 8 r + n (< 128) writes row r of the tile for token n
+  const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
   for (; rt < NT; rt += nblk, kt = warp) {
     const int row0 = rt * kTileRows + g;
+    const int row = rt * kTileRows + r;
+    const bool owner = threadIdx.x < 128 && n < p.B && row < p.N;
+    // the tile's corrections are read now, so that by the epilogue the wait is usually over
+    unsigned long long* slot = DEC ? p.mailbox + size_t(n) * p.N + row : nullptr;
+    unsigned long long word = 0;
+    if (DEC && owner) word = load_relaxed(slot);
     if constexpr (FMT == kLUT) {
       const __half* lut = reinterpret_cast<const __half*>(p.meta) + size_t(rt) * kTileRows * Q;
       for (int i = threadIdx.x; i < 2 * Q * 32; i += kThreads) {
@@ -603,40 +573,29 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     red[(warp * 16 + g + 8) * 8 + 2 * t] = acc[2];
     red[(warp * 16 + g + 8) * 8 + 2 * t + 1] = acc[3];
     __syncthreads();
-    const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
-    const int row = rt * kTileRows + r;
-    const bool owner = threadIdx.x < 128 && n < p.B && row < p.N;
-    float v = 0.f;
-    if (threadIdx.x < 128) {
+    if (owner) {
+      float v = 0.f;
 #pragma unroll
       for (int k = 0; k < kWarps; ++k) v += red[(k * 16 + r) * 8 + n];
-    }
-    if (p.n_tb == 0) {
-      if (owner) out[size_t(n) * p.N + row] = A::from_float(bias != nullptr ? v + A::to_float(bias[row]) : v);
-    } else {
-      if (owner) p.work[size_t(n) * W + row] = v;
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) s_old = atomicAdd(&p.counters[rt], 1);
-      __syncthreads();
-      if (s_old == 1) {  // the DEC block finished this tile first: merge here
-        __threadfence();
-        if (owner) {
-          float y = v + __ldcg(p.work + size_t(p.B) * W + size_t(n) * W + row);
-          if (bias != nullptr) y += A::to_float(bias[row]);
-          out[size_t(n) * p.N + row] = A::from_float(y);
+      if constexpr (DEC) {
+        while (!(word & kReady)) {  // the DEC block is not done yet
+          __nanosleep(100);  // leave the issue slots to the DEC warps that may share this SM
+          word = load_relaxed(slot);
         }
-        if (threadIdx.x == 0) p.counters[rt] = 0;
+        store_relaxed(slot, 0);
+        v += __uint_as_float(uint32_t(word));
       }
+      if (bias != nullptr) v += A::to_float(bias[row]);
+      out[size_t(n) * p.N + row] = A::from_float(v);
     }
-    __syncthreads();  // red, tab and s_old are reused by the next row tile
+    __syncthreads();  // red and tab are reused by the next row tile
   }
 }
 
 // DEC = false: the plain GEMV (n_tb == 0), compiled without the DEC role, whose registers would
 // otherwise cap the occupancy of every GEMV block.
 template <int FMT, int BITS, int DT, int GS, bool DEC>
-__global__ void __launch_bounds__(kThreads, DEC ? 2 : 3) gemv_kernel(const GemvParams p) {
+__global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const GemvParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   if constexpr (DEC) {
     if (int(blockIdx.x) < p.n_tb) {
@@ -644,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, DEC ? 2 : 3) gemv_kernel(const GemvP
       return;
     }
   }
-  gemv_block<FMT, BITS, DT, GS>(p, blockIdx.x - p.n_tb, gridDim.x - p.n_tb, smem);
+  gemv_block<FMT, BITS, DT, GS, DEC>(p, blockIdx.x - p.n_tb, gridDim.x - p.n_tb, smem);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -715,18 +674,18 @@ __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const ui
 template <int DT>
 __global__ void select_kernel(const typename Act<DT>::T* x, int K, const float* envelope, int k_chunk, int k_total,
                               int64_t* out) {
-  __shared__ float edges[32];
+  __shared__ uint32_t edge_keys[32];
   __shared__ int sel[kChunk];
   const int lane = threadIdx.x;
   const int chunk = blockIdx.x, token = blockIdx.y;
-  uint32_t xv[16];
-  load_chunk_x<DT>(x + size_t(token) * K, K, chunk, lane, xv);
-  const bool mono = compute_edges(envelope, k_total, edges, lane);
+  uint32_t keys[16];
+  load_chunk_keys<DT>(x + size_t(token) * K, K, chunk, lane, keys);
+  compute_edge_keys<DT>(envelope, k_total, edge_keys, lane);
   __syncwarp();
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
-  select_chunk<DT>(xv, K, chunk, k_chunk, edges, mono, sel, lane);
+  select_chunk(keys, K, chunk, k_chunk, edge_keys, sel, lane);
   __syncwarp();
   for (int i = lane; i < quota; i += 32) out[size_t(token) * k_total + chunk * k_chunk + i] = sel[i];
 }
@@ -740,9 +699,8 @@ int tile_words(int bits) { return bits == 4 ? 16 : 12; }
 size_t gemv_smem_bytes(const GemvParams& p) {
   const size_t gemv = kWarps * 128 * sizeof(float) + 2 * 16 * 32 * sizeof(uint32_t) + x_stage_bytes(p.B, p.K);
   if (p.n_tb == 0) return gemv;
-  // the selection list, reused afterwards as the list of tiles the block merges
-  const int list = max(p.k_total, 2 * div_up(int(p.res_stride / 16), max(p.n_tb, 1)));
-  const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + size_t(list) * sizeof(int);
+  // partial sums and the selection list
+  const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + size_t(p.k_total) * sizeof(int);
   return dec > gemv ? dec : gemv;
 }
 

@@ -136,7 +136,7 @@ class GPUState:
     device: torch.device
     weight: GPUWeight
     residual: GPUResidual | None
-    counters: Tensor | None  # int32 [ceil(N / 16)], zero between calls
+    mailbox: Tensor | None  # ops.new_mailbox, grown to the largest batch seen; zero between calls
 
 
 def supports(module, x: Tensor) -> bool:
@@ -151,11 +151,10 @@ def state_for(module, device: torch.device) -> GPUState:
     state = module._gpu
     if state is None or state.device != device:
         weight = to_gpu_weight(module.quantized_weight, device)
-        residual, counters = None, None
+        residual = None
         if module.residual is not None:
             residual, module.residual = pin_residual(module.residual, device)
-            counters = torch.zeros(-(-module.out_features // TILE_ROWS), dtype=torch.int32, device=device)
-        state = module._gpu = GPUState(device, weight, residual, counters)
+        state = module._gpu = GPUState(device, weight, residual, None)
     return state
 
 
@@ -182,7 +181,9 @@ def forward(module, x: Tensor) -> Tensor | None:
         channels = group.select(x).reshape(tokens, -1).contiguous()
     envelope = group.envelope if group.envelope is not None else x2.new_zeros(k, dtype=torch.float32)
     w, r = state.weight, state.residual
+    if state.mailbox is None or state.mailbox.numel() < tokens * module.out_features:
+        state.mailbox = ops.new_mailbox(tokens, module.out_features, x.device)
     out = ops.gemv_dec(x2, w.qweight, w.meta, bias, w.fmt, w.bits, w.group_size, w.out_features, w.in_features,
                        envelope, channels, group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB,
-                       state.counters)
+                       state.mailbox)
     return out.view(*lead, module.out_features)

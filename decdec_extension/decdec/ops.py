@@ -8,11 +8,12 @@ CUDA implementations. Call :func:`available` before running them. Weights are in
 - ``gemv(x [B, K], qweight, meta, bias?, fmt, bits, group_size, out_features, in_features) -> [B, N]``: the
   quantized GEMV for 1..8 tokens, fp32 accumulation, output in x's dtype.
 - ``gemv_dec(..., envelope, channels?, k_chunk, residual_ptr, residual_stride, residual_scales,
-  n_tb, counters) -> [B, N]``: the same plus DecDEC's compensation in one launch: each token selects
+  n_tb, mailbox) -> [B, N]``: the same plus DecDEC's compensation in one launch: each token selects
   its channels (or takes ``channels`` [B, k]), the selected residual rows are read from pinned host
   memory at ``residual_ptr`` (a device-visible address; the caller keeps the memory alive), and
-  out = (base + correction) + bias is rounded once. ``counters`` is a zeroed int32 [ceil(N / 16)]
-  workspace owned by the layer; every call leaves it zeroed, so the op is functional.
+  out = (base + correction) + bias is rounded once. ``mailbox`` is a zeroed int64 workspace of at
+  least B x N elements owned by the layer (:func:`new_mailbox`); every call leaves it zeroed, so the
+  op is functional.
 - ``select_channels(x [T, K], envelope, k_chunk) -> int64 [T, k]``: DecDEC's selection, identical
   to :func:`decdec.select_channels`.
 - ``dequantize(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype) -> [N, K]``:
@@ -33,7 +34,7 @@ _lib.define("gemv(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int fmt, 
             "int out_features, int in_features) -> Tensor")
 _lib.define("gemv_dec(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int fmt, int bits, int group_size, "
             "int out_features, int in_features, Tensor envelope, Tensor? channels, int k_chunk, int residual_ptr, "
-            "int residual_stride, Tensor residual_scales, int n_tb, Tensor counters) -> Tensor")
+            "int residual_stride, Tensor residual_scales, int n_tb, Tensor mailbox) -> Tensor")
 _lib.define("select_channels(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
 _lib.define("dequantize(Tensor qweight, Tensor meta, int fmt, int bits, int group_size, int out_features, "
             "int in_features, ScalarType dtype) -> Tensor")
@@ -47,7 +48,7 @@ def _gemv_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_f
 
 @torch.library.register_fake("decdec::gemv_dec")
 def _gemv_dec_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features, envelope, channels, k_chunk,
-                   residual_ptr, residual_stride, residual_scales, n_tb, counters):
+                   residual_ptr, residual_stride, residual_scales, n_tb, mailbox):
     torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
     return x.new_empty(x.shape[0], out_features)
 
@@ -101,10 +102,15 @@ def gemv(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int
 
 def gemv_dec(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int, bits: int, group_size: int,
              out_features: int, in_features: int, envelope: Tensor, channels: Tensor | None, k_chunk: int,
-             residual_ptr: int, residual_stride: int, residual_scales: Tensor, n_tb: int, counters: Tensor) -> Tensor:
+             residual_ptr: int, residual_stride: int, residual_scales: Tensor, n_tb: int, mailbox: Tensor) -> Tensor:
     return torch.ops.decdec.gemv_dec(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features,
                                      envelope, channels, k_chunk, residual_ptr, residual_stride, residual_scales, n_tb,
-                                     counters)
+                                     mailbox)
+
+
+def new_mailbox(tokens: int, out_features: int, device: torch.device) -> Tensor:
+    """The zeroed workspace ``gemv_dec`` needs for up to ``tokens`` tokens."""
+    return torch.zeros(tokens * out_features, dtype=torch.int64, device=device)
 
 
 def select_channels(x: Tensor, envelope: Tensor, k_chunk: int) -> Tensor:
