@@ -272,6 +272,17 @@ __device__ __forceinline__ void store_relaxed(unsigned long long* p, unsigned lo
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// The correction in a mailbox slot (word: the slot as last read), waiting for its tag if needed;
+// clears the slot for the next call.
+__device__ __forceinline__ float take_correction(unsigned long long* slot, unsigned long long word) {
+  while (!(word & kReady)) {
+    __nanosleep(100);  // leave the issue slots to DEC warps that may share this SM
+    word = load_relaxed(slot);
+  }
+  store_relaxed(slot, 0);
+  return __uint_as_float(uint32_t(word));
+}
+
 // ------------------------------------------------------------------------------------------------
 // DEC role
 
@@ -285,13 +296,28 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   const int p0 = int(int64_t(d) * pieces / p.n_tb), p1 = int(int64_t(d + 1) * pieces / p.n_tb);
   const int np = p1 - p0;
   const int k = p.k_total;
-  float* part = reinterpret_cast<float*>(smem);           // [kThreads][kPartStride]
-  int* sel = reinterpret_cast<int*>(part + kThreads * kPartStride);  // [k]
+  float* part = reinterpret_cast<float*>(smem);                       // [kThreads][kPartStride]
+  __half* pass_scales = reinterpret_cast<__half*>(part + kThreads * kPartStride);  // [kThreads * 32]
+  int* sel = reinterpret_cast<int*>(pass_scales + kThreads * 32);                // [k]
   const T* x = reinterpret_cast<const T*>(p.x);
   const __half* scales = reinterpret_cast<const __half*>(p.res_scales);
 
   const int pr_count = min(max(np, 1), kThreads);
   const int groups = kThreads / pr_count;  // thread groups splitting the selected rows
+  // The scales of a pass (pr_count pieces of 32 outputs) are copied to shared memory
+  // asynchronously: the first pass's while the block selects, so they are there when needed.
+  auto stage_scales = [&](int pb) {
+    const int first = (p0 + pb) * 32, count = min(min(pr_count, np - pb) * 32, p.N - first);
+    for (int i = tid; i * 8 < count; i += kThreads) {
+      if (i * 8 + 8 <= count) {
+        const unsigned dst = unsigned(__cvta_generic_to_shared(pass_scales + i * 8));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(scales + first + i * 8));
+      } else {
+        for (int j = i * 8; j < count; ++j) pass_scales[j] = scales[first + j];
+      }
+    }
+  };
+  if (np > 0) stage_scales(0);
   for (int b = 0; b < p.B; ++b) {
     __syncthreads();  // sel and part are reused per token
     const T* xrow = x + size_t(b) * p.K;
@@ -311,6 +337,7 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
     }
     __syncthreads();
     for (int pb = 0; pb < np; pb += pr_count) {
+      if (pb > 0 || b > 0) stage_scales(pb);  // (pass 0 of token 0 was staged at the start)
       const int npr = min(pr_count, np - pb);
       const int pr = tid % pr_count, grp = tid / pr_count;
       if (pr < npr && grp < groups) {
@@ -349,23 +376,14 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) dst[j] = acc[j];
       }
+      asm volatile("cp.async.wait_all;" ::: "memory");
       __syncthreads();
-      for (int it0 = tid; it0 < npr * 32; it0 += 4 * kThreads) {
-        float sc[4];  // four scale loads in flight per thread
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int it = it0 + u * kThreads, o = (p0 + pb + (it >> 5)) * 32 + (it & 31);
-          sc[u] = it < npr * 32 && o < p.N ? __half2float(scales[o]) : 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int it = it0 + u * kThreads;
-          const int q = it >> 5, j = it & 31, o = (p0 + pb + q) * 32 + j;
-          if (it >= npr * 32 || o >= p.N) continue;
-          float v = 0.f;
-          for (int r = 0; r < groups; ++r) v += part[(r * pr_count + q) * kPartStride + j];
-          store_relaxed(p.mailbox + size_t(b) * p.N + o, __float_as_uint(v * sc[u]) | kReady);
-        }
+      for (int it = tid; it < npr * 32; it += kThreads) {
+        const int q = it >> 5, j = it & 31, o = (p0 + pb + q) * 32 + j;
+        if (o >= p.N) continue;
+        float v = 0.f;
+        for (int r = 0; r < groups; ++r) v += part[(r * pr_count + q) * kPartStride + j];
+        store_relaxed(p.mailbox + size_t(b) * p.N + o, __float_as_uint(v * __half2float(pass_scales[it])) | kReady);
       }
       __syncthreads();
     }
@@ -455,14 +473,23 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   T* out = reinterpret_cast<T*>(p.out);
   // epilogue ownership: thread 8 r + n (< 128) writes row r of the tile for token n
   const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+  auto write_out = [&](int orow, float v) {
+    if (bias != nullptr) v += A::to_float(bias[orow]);
+    out[size_t(n) * p.N + orow] = A::from_float(v);
+  };
+  // DEC: the corrections of a tile are read when the tile starts; a tile whose corrections were
+  // not ready by then is written after the next tile (or when the block ends), so a GEMV block
+  // does not idle while the DEC blocks are still fetching
+  unsigned long long* mailbox = DEC ? p.mailbox + size_t(n) * p.N : nullptr;
+  int pending_row = -1;
+  float pending_v = 0.f;
   for (; rt < NT; rt += nblk, kt = warp) {
     const int row0 = rt * kTileRows + g;
     const int row = rt * kTileRows + r;
     const bool owner = threadIdx.x < 128 && n < p.B && row < p.N;
-    // the tile's corrections are read now, so that by the epilogue the wait is usually over
-    unsigned long long* slot = DEC ? p.mailbox + size_t(n) * p.N + row : nullptr;
-    unsigned long long word = 0;
-    if (DEC && owner) word = load_relaxed(slot);
+    unsigned long long word = 0, pending_word = 0;
+    if (DEC && owner) word = load_relaxed(mailbox + row);
+    if (DEC && pending_row >= 0) pending_word = load_relaxed(mailbox + pending_row);
     if constexpr (FMT == kLUT) {
       const __half* lut = reinterpret_cast<const __half*>(p.meta) + size_t(rt) * kTileRows * Q;
       for (int i = threadIdx.x; i < 2 * Q * 32; i += kThreads) {
@@ -578,18 +605,24 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
 #pragma unroll
       for (int k = 0; k < kWarps; ++k) v += red[(k * 16 + r) * 8 + n];
       if constexpr (DEC) {
-        while (!(word & kReady)) {  // the DEC block is not done yet
-          __nanosleep(100);  // leave the issue slots to the DEC warps that may share this SM
-          word = load_relaxed(slot);
+        if (pending_row >= 0) {
+          write_out(pending_row, pending_v + take_correction(mailbox + pending_row, pending_word));
+          pending_row = -1;
         }
-        store_relaxed(slot, 0);
-        v += __uint_as_float(uint32_t(word));
+        if (word & kReady) {
+          write_out(row, v + take_correction(mailbox + row, word));
+        } else {
+          pending_row = row;
+          pending_v = v;
+        }
+      } else {
+        write_out(row, v);
       }
-      if (bias != nullptr) v += A::to_float(bias[row]);
-      out[size_t(n) * p.N + row] = A::from_float(v);
     }
     __syncthreads();  // red and tab are reused by the next row tile
   }
+  if (DEC && pending_row >= 0)
+    write_out(pending_row, pending_v + take_correction(mailbox + pending_row, load_relaxed(mailbox + pending_row)));
 }
 
 // DEC = false: the plain GEMV (n_tb == 0), compiled without the DEC role, whose registers would
@@ -699,8 +732,9 @@ int tile_words(int bits) { return bits == 4 ? 16 : 12; }
 size_t gemv_smem_bytes(const GemvParams& p) {
   const size_t gemv = kWarps * 128 * sizeof(float) + 2 * 16 * 32 * sizeof(uint32_t) + x_stage_bytes(p.B, p.K);
   if (p.n_tb == 0) return gemv;
-  // partial sums and the selection list
-  const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + size_t(p.k_total) * sizeof(int);
+  // partial sums, the scales of a pass, the selection list
+  const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + kThreads * 32 * sizeof(__half) +
+                     size_t(p.k_total) * sizeof(int);
   return dec > gemv ? dec : gemv;
 }
 
