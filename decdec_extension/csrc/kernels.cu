@@ -38,9 +38,25 @@ template <>
 struct Act<kHalf> {
   using T = __half;
   static constexpr uint32_t kMagicBase = 0x6400u;  // fp16 1024: 1024 + q is exact for q < 1024
-  static constexpr uint32_t kInfBits = 0x7c00u;
   // the smallest fp16 >= f, as bits
   __device__ static uint32_t round_up_bits(float f) { return __half_as_ushort(__float2half_ru(f)); }
+  // per half: 1.0 where a >= b (0 if either is NaN), and the sum of such results
+  __device__ static uint32_t ge2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("set.ge.f16x2.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+  __device__ static uint32_t add2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+  // per half: 0xffff where a >= b
+  __device__ static uint32_t ge2_mask(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("set.ge.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
   __device__ static float to_float(T v) { return __half2float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_half(b); }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
@@ -64,8 +80,22 @@ template <>
 struct Act<kBFloat16> {
   using T = __nv_bfloat16;
   static constexpr uint32_t kMagicBase = 0x4300u;  // bf16 128: 128 + q is exact for q < 128
-  static constexpr uint32_t kInfBits = 0x7f80u;
   __device__ static uint32_t round_up_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_ru(f)); }
+  __device__ static uint32_t ge2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("set.ge.bf16x2.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+  __device__ static uint32_t add2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("add.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+  __device__ static uint32_t ge2_mask(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
   __device__ static float to_float(T v) { return __bfloat162float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
@@ -131,95 +161,89 @@ __device__ __forceinline__ void load_tile(const uint4* tile, uint4* w) {
 // ------------------------------------------------------------------------------------------------
 // Selection (shared by the DEC role and the standalone kernel)
 
-// The selection works on 16-bit keys, two per register, compared with integer arithmetic: for
-// |x| in the activation dtype and an fp32 bucket edge e, |x| >= e exactly when the bits of |x| are
-// >= the bits of e rounded up to that dtype (non-negative floats order like their bits). Keys are
-// bits + 1, and 0 for NaN (and for channels past the end of a partial chunk), so NaN is never >=
-// an edge; an edge that is NaN gets a key above every value. Since a bucket is "the smallest i with
-// |x| >= edges[i]", bucket <= b exactly when |x| >= min(edges[0..b]): with those running minima
-// (non-increasing) as keys, every count the selection needs is a count of key >= edge key.
-constexpr uint32_t kHalfTops = 0x80008000u;
-constexpr uint32_t kNeverKey = 0x7fffu;  // above every value key
+// The selection compares |x| in the activation dtype, two channels per instruction: for |x| in
+// that dtype and an fp32 bucket edge e >= 0, |x| >= e exactly when |x| >= e rounded up to the dtype.
+// NaN compares false with everything, so a NaN |x| (and a channel past the end of a partial chunk,
+// loaded as NaN) is >= no edge, and a NaN edge holds for no |x|. Since a bucket is "the smallest i
+// with |x| >= edges[i]", bucket <= b exactly when |x| >= min(edges[0..b]): with those running
+// minima as edges, every count the selection needs is a count of |x| >= edge.
+constexpr uint32_t kNaN16 = 0x7fffu;  // NaN in fp16 and in bf16; as bits, above every non-NaN |x|
 
-// Edge keys (both halves) of DESIGN.md's bucket edges, computed in fp32 exactly as
-// selection.bucket_edges does (IEEE operations, immune to fast-math), by one whole warp.
+// Edges (both halves) of DESIGN.md's buckets, computed in fp32 exactly as selection.bucket_edges
+// does (IEEE operations, immune to fast-math), by one whole warp.
 template <int DT>
-__device__ void compute_edge_keys(const float* envelope, int k_total, uint32_t* edge_keys, int lane) {
+__device__ void compute_edges(const float* envelope, int k_total, uint32_t* edges, int lane) {
   const float bhi = envelope[0];
   const float blo = envelope[k_total - 1];
   const float e = lane < 16 ? __fsub_rn(bhi, __fdiv_rn(__fmul_rn(__fsub_rn(bhi, blo), float(lane)), 15.0f))
                             : __fdiv_rn(__fmul_rn(blo, float(31 - lane)), 16.0f);
-  // every |x| >= 0 is >= an edge e <= 0, as it is >= 0
-  uint32_t key = e != e ? kNeverKey : Act<DT>::round_up_bits(e > 0.f ? e : 0.f) + 1;
+  // every |x| >= 0 is >= an edge e <= 0, as it is >= 0; non-negative floats order like their bits
+  uint32_t bits = e != e ? kNaN16 : Act<DT>::round_up_bits(e > 0.f ? e : 0.f);
 #pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {  // running minimum over lanes 0..lane
-    const uint32_t prev = __shfl_up_sync(0xffffffffu, key, d);
-    if (lane >= d) key = min(key, prev);
+  for (int d = 1; d < 32; d <<= 1) {  // running minimum over lanes 0..lane (NaN only if all are)
+    const uint32_t prev = __shfl_up_sync(0xffffffffu, bits, d);
+    if (lane >= d) bits = min(bits, prev);
   }
-  edge_keys[lane] = key * 0x10001u;
+  edges[lane] = bits * 0x10001u;
 }
 
-// One warp loads the keys of one chunk: lane l holds channels chunk * 1024 + 32 l + i, i = 0..31,
-// as 16 pairs; four 16-byte loads per lane where x allows.
+// One warp loads |x| of one chunk: lane l holds channels chunk * 1024 + 32 l + i, i = 0..31, as 16
+// pairs; four 16-byte loads per lane where x allows.
 template <int DT>
-__device__ __forceinline__ void load_chunk_keys(const typename Act<DT>::T* xrow, int K, int chunk, int lane,
-                                                uint32_t* keys) {
+__device__ __forceinline__ void load_chunk_abs(const typename Act<DT>::T* xrow, int K, int chunk, int lane,
+                                               uint32_t* xa) {
   const int first = chunk * kChunk + lane * 32;
   if (K % 8 == 0 && reinterpret_cast<uintptr_t>(xrow) % 16 == 0 && first + 32 <= K) {
     const uint4* src = reinterpret_cast<const uint4*>(xrow + first);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint4 v = __ldg(src + j);
-      keys[4 * j] = v.x;
-      keys[4 * j + 1] = v.y;
-      keys[4 * j + 2] = v.z;
-      keys[4 * j + 3] = v.w;
+      xa[4 * j] = v.x;
+      xa[4 * j + 1] = v.y;
+      xa[4 * j + 2] = v.z;
+      xa[4 * j + 3] = v.w;
     }
   } else {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xrow);
-    constexpr uint32_t nan = Act<DT>::kInfBits + 1;  // past the end: NaN, key 0
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const int ch = first + 2 * j;
-      keys[j] = (ch < K ? uint32_t(src[ch]) : nan) | (ch + 1 < K ? uint32_t(src[ch + 1]) : nan) << 16;
+      xa[j] = (ch < K ? uint32_t(src[ch]) : kNaN16) | (ch + 1 < K ? uint32_t(src[ch + 1]) : kNaN16) << 16;
     }
   }
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const uint32_t a = keys[j] & 0x7fff7fffu;
-    // top bit of each half where a > inf, i.e. NaN (no borrow crosses halves: both sides < 0x8000)
-    const uint32_t nan = ((a | kHalfTops) - (Act<DT>::kInfBits + 1) * 0x10001u) & kHalfTops;
-    keys[j] = (a + 0x10001u) & ~(nan - (nan >> 15));
-  }
+  for (int j = 0; j < 16; ++j) xa[j] &= 0x7fff7fffu;
 }
 
-// Per half: bit 15 set where key >= edge key (both < 0x8000).
-__device__ __forceinline__ uint32_t ge_tops(uint32_t keys, uint32_t edge) { return ((keys | kHalfTops) - edge) & kHalfTops; }
-
-// How many of the warp's keys are >= edge (edge key in both halves).
-__device__ __forceinline__ int count_ge(const uint32_t* keys, uint32_t edge) {
-  uint32_t c = 0;  // per half, at most 16
+// How many of the warp's |x| are >= edge.
+template <int DT>
+__device__ __forceinline__ int count_ge(const uint32_t* xa, uint32_t edge) {
+  uint32_t c = 0;  // per half, an exact small integer (at most 16)
 #pragma unroll
-  for (int j = 0; j < 16; ++j) c += ge_tops(keys[j], edge) >> 15;
-  return int(__reduce_add_sync(0xffffffffu, (c & 0xffffu) + (c >> 16)));
+  for (int j = 0; j < 16; ++j) c = Act<DT>::add2(c, Act<DT>::ge2(xa[j], edge));
+  using A = Act<DT>;
+  const int lane_count = int(A::to_float(A::from_bits(uint16_t(c))) + A::to_float(A::from_bits(uint16_t(c >> 16))));
+  return int(__reduce_add_sync(0xffffffffu, unsigned(lane_count)));
 }
 
-// Bit i set where the lane's key i is >= edge.
-__device__ __forceinline__ uint32_t mask_ge(const uint32_t* keys, uint32_t edge) {
+// Bit i set where the lane's |x| i is >= edge.
+template <int DT>
+__device__ __forceinline__ uint32_t mask_ge(const uint32_t* xa, uint32_t edge) {
   uint32_t m = 0;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const uint32_t t = ge_tops(keys[j], edge);
-    m |= ((t >> 15) & 1u) << (2 * j) | (t >> 31) << (2 * j + 1);
+    const uint32_t t = Act<DT>::ge2_mask(xa[j], edge);
+    m |= ((t & 1u) | ((t >> 15) & 2u)) << (2 * j);
   }
   return m;
 }
 
-// One warp selects the quota of one chunk of one token from its keys (load_chunk_keys) and writes
+// One warp selects the quota of one chunk of one token from |x| (load_chunk_abs) and writes
 // the chosen channels ascending at out[0 ...]: DESIGN.md's rule, from counts only. The threshold
 // bucket tb is the smallest b with count(bucket <= b) >= quota (b = 32, which holds NaN, always
 // qualifies); every channel of a bucket < tb is taken, then those of bucket tb, lowest index first.
-__device__ void select_chunk(const uint32_t* keys, int K, int chunk, int k_chunk, const uint32_t* edge_keys, int* out,
+template <int DT>
+__device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, const uint32_t* edges, int* out,
                              int lane) {
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
@@ -229,14 +253,14 @@ __device__ void select_chunk(const uint32_t* keys, int K, int chunk, int k_chunk
   int lo = 0, hi = 32;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    if (count_ge(keys, edge_keys[mid]) >= quota) hi = mid;
+    if (count_ge<DT>(xa, edges[mid]) >= quota) hi = mid;
     else lo = mid + 1;
   }
   const int tb = lo;
   const int valid = min(max(c0 + len - first, 0), 32);  // channels of this lane inside the chunk
   const uint32_t in_chunk = valid == 32 ? ~0u : (1u << valid) - 1;
-  const uint32_t below = tb > 0 ? mask_ge(keys, edge_keys[tb - 1]) : 0u;             // bucket < tb
-  const uint32_t at = (tb < 32 ? mask_ge(keys, edge_keys[tb]) : in_chunk) & ~below;  // bucket == tb
+  const uint32_t below = tb > 0 ? mask_ge<DT>(xa, edges[tb - 1]) : 0u;             // bucket < tb
+  const uint32_t at = (tb < 32 ? mask_ge<DT>(xa, edges[tb]) : in_chunk) & ~below;  // bucket == tb
   // exclusive prefix over lanes (= over channel order) of both counts, packed (each <= 1024)
   const int packed = __popc(below) | (__popc(at) << 16);
   int incl = packed;
@@ -290,7 +314,7 @@ template <int DT>
 __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   using A = Act<DT>;
   using T = typename A::T;
-  __shared__ uint32_t edge_keys[32];
+  __shared__ uint32_t edges[32];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pieces = int(p.res_stride / 16);  // 16 bytes = 32 output channels of a row
   const int p0 = int(int64_t(d) * pieces / p.n_tb), p1 = int(int64_t(d + 1) * pieces / p.n_tb);
@@ -326,13 +350,13 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
     } else {
       // the first chunk's activations load while warp 0 computes the edges (one round trip)
       const int chunks = div_up(p.K, kChunk);
-      uint32_t keys[16];
-      if (warp < chunks) load_chunk_keys<DT>(xrow, p.K, warp, lane, keys);
-      if (b == 0 && warp == 0) compute_edge_keys<DT>(p.envelope, k, edge_keys, lane);
+      uint32_t xa[16];
+      if (warp < chunks) load_chunk_abs<DT>(xrow, p.K, warp, lane, xa);
+      if (b == 0 && warp == 0) compute_edges<DT>(p.envelope, k, edges, lane);
       __syncthreads();
       for (int c = warp; c < chunks; c += kWarps) {
-        if (c != warp) load_chunk_keys<DT>(xrow, p.K, c, lane, keys);
-        select_chunk(keys, p.K, c, p.k_chunk, edge_keys, sel + c * p.k_chunk, lane);
+        if (c != warp) load_chunk_abs<DT>(xrow, p.K, c, lane, xa);
+        select_chunk<DT>(xa, p.K, c, p.k_chunk, edges, sel + c * p.k_chunk, lane);
       }
     }
     __syncthreads();
@@ -707,18 +731,18 @@ __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const ui
 template <int DT>
 __global__ void select_kernel(const typename Act<DT>::T* x, int K, const float* envelope, int k_chunk, int k_total,
                               int64_t* out) {
-  __shared__ uint32_t edge_keys[32];
+  __shared__ uint32_t edges[32];
   __shared__ int sel[kChunk];
   const int lane = threadIdx.x;
   const int chunk = blockIdx.x, token = blockIdx.y;
-  uint32_t keys[16];
-  load_chunk_keys<DT>(x + size_t(token) * K, K, chunk, lane, keys);
-  compute_edge_keys<DT>(envelope, k_total, edge_keys, lane);
+  uint32_t xa[16];
+  load_chunk_abs<DT>(x + size_t(token) * K, K, chunk, lane, xa);
+  compute_edges<DT>(envelope, k_total, edges, lane);
   __syncwarp();
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
-  select_chunk(keys, K, chunk, k_chunk, edge_keys, sel, lane);
+  select_chunk<DT>(xa, K, chunk, k_chunk, edges, sel, lane);
   __syncwarp();
   for (int i = lane; i < quota; i += 32) out[size_t(token) * k_total + chunk * k_chunk + i] = sel[i];
 }
