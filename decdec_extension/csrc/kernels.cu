@@ -10,10 +10,11 @@
 //   lowest index first in the overflowing bucket, NaN last), reads its slice of the selected
 //   residual rows straight from mapped pinned host memory, and forms the correction in fp32;
 // - the merge happens in the GEMV block: a DEC block stores each fp32 correction together with a
-//   ready tag in one 8-byte word of a mailbox; the GEMV block owning that output (which prefetched
-//   the word when it started the tile) writes out = (base + correction) + bias, waiting for the tag
-//   only if the DEC block is not done yet, and clears the word. No fences and no atomics on either
-//   side; every output is one fixed sum of fixed-order sums, so results are bitwise reproducible.
+//   ready tag in one 8-byte word of a mailbox; the GEMV block owning that output (which read the
+//   word when it started the tile) writes out = (base + correction) + bias, clears the word, and
+//   if the tag was not there yet, does so after its next tile (or at its end), waiting only then.
+//   No fences and no atomics on either side; every output is one fixed sum of fixed-order sums,
+//   so results are bitwise reproducible.
 //   GEMV blocks may wait on DEC blocks, never the reverse; the DEC blocks have the lowest indices
 //   and the grid is at most one resident wave, so they are running whenever anyone waits.
 #include "decdec_kernels.h"
@@ -169,12 +170,11 @@ __device__ __forceinline__ void load_tile(const uint4* tile, uint4* w) {
 // minima as edges, every count the selection needs is a count of |x| >= edge.
 constexpr uint32_t kNaN16 = 0x7fffu;  // NaN in fp16 and in bf16; as bits, above every non-NaN |x|
 
-// Edges (both halves) of DESIGN.md's buckets, computed in fp32 exactly as selection.bucket_edges
-// does (IEEE operations, immune to fast-math), by one whole warp.
+// Edge `lane` of DESIGN.md's buckets (both halves) for the envelope values b_hi = envelope[0] and
+// b_lo = envelope[k_total - 1], computed in fp32 exactly as selection.bucket_edges does (IEEE
+// operations, immune to fast-math); a whole warp calls it and keeps edge i in lane i.
 template <int DT>
-__device__ void compute_edges(const float* envelope, int k_total, uint32_t* edges, int lane) {
-  const float bhi = envelope[0];
-  const float blo = envelope[k_total - 1];
+__device__ uint32_t lane_edge(float bhi, float blo, int lane) {
   const float e = lane < 16 ? __fsub_rn(bhi, __fdiv_rn(__fmul_rn(__fsub_rn(bhi, blo), float(lane)), 15.0f))
                             : __fdiv_rn(__fmul_rn(blo, float(31 - lane)), 16.0f);
   // every |x| >= 0 is >= an edge e <= 0, as it is >= 0; non-negative floats order like their bits
@@ -184,11 +184,11 @@ __device__ void compute_edges(const float* envelope, int k_total, uint32_t* edge
     const uint32_t prev = __shfl_up_sync(0xffffffffu, bits, d);
     if (lane >= d) bits = min(bits, prev);
   }
-  edges[lane] = bits * 0x10001u;
+  return bits * 0x10001u;
 }
 
 // One warp loads |x| of one chunk: lane l holds channels chunk * 1024 + 32 l + i, i = 0..31, as 16
-// pairs; four 16-byte loads per lane where x allows.
+// pairs (NaN past the end of x); four 16-byte loads per lane where x allows.
 template <int DT>
 __device__ __forceinline__ void load_chunk_abs(const typename Act<DT>::T* xrow, int K, int chunk, int lane,
                                                uint32_t* xa) {
@@ -218,33 +218,34 @@ __device__ __forceinline__ void load_chunk_abs(const typename Act<DT>::T* xrow, 
 // How many of the warp's |x| are >= edge.
 template <int DT>
 __device__ __forceinline__ int count_ge(const uint32_t* xa, uint32_t edge) {
-  uint32_t c = 0;  // per half, an exact small integer (at most 16)
-#pragma unroll
-  for (int j = 0; j < 16; ++j) c = Act<DT>::add2(c, Act<DT>::ge2(xa[j], edge));
   using A = Act<DT>;
-  const int lane_count = int(A::to_float(A::from_bits(uint16_t(c))) + A::to_float(A::from_bits(uint16_t(c >> 16))));
+  uint32_t c[4] = {0u, 0u, 0u, 0u};  // per half, exact small integers; four independent chains
+#pragma unroll
+  for (int j = 0; j < 16; ++j) c[j & 3] = A::add2(c[j & 3], A::ge2(xa[j], edge));
+  const uint32_t t = A::add2(A::add2(c[0], c[1]), A::add2(c[2], c[3]));
+  const int lane_count = int(A::to_float(A::from_bits(uint16_t(t))) + A::to_float(A::from_bits(uint16_t(t >> 16))));
   return int(__reduce_add_sync(0xffffffffu, unsigned(lane_count)));
 }
 
 // Bit i set where the lane's |x| i is >= edge.
 template <int DT>
 __device__ __forceinline__ uint32_t mask_ge(const uint32_t* xa, uint32_t edge) {
-  uint32_t m = 0;
+  uint32_t m[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const uint32_t t = Act<DT>::ge2_mask(xa[j], edge);
-    m |= ((t & 1u) | ((t >> 15) & 2u)) << (2 * j);
+    m[j & 3] |= ((t & 1u) | ((t >> 15) & 2u)) << (2 * j);
   }
-  return m;
+  return (m[0] | m[1]) | (m[2] | m[3]);
 }
 
-// One warp selects the quota of one chunk of one token from |x| (load_chunk_abs) and writes
-// the chosen channels ascending at out[0 ...]: DESIGN.md's rule, from counts only. The threshold
+// One warp selects the quota of one chunk of one token from |x| (load_chunk_abs) and writes the
+// chosen channels ascending at out[0 ...]: DESIGN.md's rule, from counts only. The threshold
 // bucket tb is the smallest b with count(bucket <= b) >= quota (b = 32, which holds NaN, always
 // qualifies); every channel of a bucket < tb is taken, then those of bucket tb, lowest index first.
 template <int DT>
-__device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, const uint32_t* edges, int* out,
-                             int lane) {
+__device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, uint32_t edge, int* out, int lane) {
+  auto edges = [edge](int i) { return __shfl_sync(0xffffffffu, edge, i); };  // edge i is in lane i
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
@@ -253,14 +254,14 @@ __device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, 
   int lo = 0, hi = 32;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    if (count_ge<DT>(xa, edges[mid]) >= quota) hi = mid;
+    if (count_ge<DT>(xa, edges(mid)) >= quota) hi = mid;
     else lo = mid + 1;
   }
   const int tb = lo;
   const int valid = min(max(c0 + len - first, 0), 32);  // channels of this lane inside the chunk
   const uint32_t in_chunk = valid == 32 ? ~0u : (1u << valid) - 1;
-  const uint32_t below = tb > 0 ? mask_ge<DT>(xa, edges[tb - 1]) : 0u;             // bucket < tb
-  const uint32_t at = (tb < 32 ? mask_ge<DT>(xa, edges[tb]) : in_chunk) & ~below;  // bucket == tb
+  const uint32_t below = tb > 0 ? mask_ge<DT>(xa, edges(tb - 1)) : 0u;             // bucket < tb
+  const uint32_t at = (tb < 32 ? mask_ge<DT>(xa, edges(tb)) : in_chunk) & ~below;  // bucket == tb
   // exclusive prefix over lanes (= over channel order) of both counts, packed (each <= 1024)
   const int packed = __popc(below) | (__popc(at) << 16);
   int incl = packed;
@@ -314,7 +315,6 @@ template <int DT>
 __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   using A = Act<DT>;
   using T = typename A::T;
-  __shared__ uint32_t edges[32];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pieces = int(p.res_stride / 16);  // 16 bytes = 32 output channels of a row
   const int p0 = int(int64_t(d) * pieces / p.n_tb), p1 = int(int64_t(d + 1) * pieces / p.n_tb);
@@ -342,21 +342,23 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
     }
   };
   if (np > 0) stage_scales(0);
+  // every warp keeps the bucket edges in its lanes; the envelope loads fly with the first x loads
+  const bool selecting = p.channels == nullptr;
+  const float env_hi = selecting ? __ldg(p.envelope) : 0.f, env_lo = selecting ? __ldg(p.envelope + k - 1) : 0.f;
+  uint32_t edge = 0;
   for (int b = 0; b < p.B; ++b) {
     __syncthreads();  // sel and part are reused per token
     const T* xrow = x + size_t(b) * p.K;
-    if (p.channels != nullptr) {
+    if (!selecting) {
       for (int i = tid; i < k; i += kThreads) sel[i] = int(p.channels[size_t(b) * k + i]);
     } else {
-      // the first chunk's activations load while warp 0 computes the edges (one round trip)
       const int chunks = div_up(p.K, kChunk);
       uint32_t xa[16];
       if (warp < chunks) load_chunk_abs<DT>(xrow, p.K, warp, lane, xa);
-      if (b == 0 && warp == 0) compute_edges<DT>(p.envelope, k, edges, lane);
-      __syncthreads();
+      if (b == 0) edge = lane_edge<DT>(env_hi, env_lo, lane);
       for (int c = warp; c < chunks; c += kWarps) {
         if (c != warp) load_chunk_abs<DT>(xrow, p.K, c, lane, xa);
-        select_chunk<DT>(xa, p.K, c, p.k_chunk, edges, sel + c * p.k_chunk, lane);
+        select_chunk<DT>(xa, p.K, c, p.k_chunk, edge, sel + c * p.k_chunk, lane);
       }
     }
     __syncthreads();
@@ -649,8 +651,8 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     write_out(pending_row, pending_v + take_correction(mailbox + pending_row, load_relaxed(mailbox + pending_row)));
 }
 
-// DEC = false: the plain GEMV (n_tb == 0), compiled without the DEC role, whose registers would
-// otherwise cap the occupancy of every GEMV block.
+// DEC = false: the plain GEMV (n_tb == 0), compiled without the DEC role and the mailbox reads.
+// Both variants run 3 blocks per SM (80 registers): the DEC role fits in them without spilling.
 template <int FMT, int BITS, int DT, int GS, bool DEC>
 __global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const GemvParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -731,18 +733,17 @@ __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const ui
 template <int DT>
 __global__ void select_kernel(const typename Act<DT>::T* x, int K, const float* envelope, int k_chunk, int k_total,
                               int64_t* out) {
-  __shared__ uint32_t edges[32];
   __shared__ int sel[kChunk];
   const int lane = threadIdx.x;
   const int chunk = blockIdx.x, token = blockIdx.y;
+  const float env_hi = __ldg(envelope), env_lo = __ldg(envelope + k_total - 1);
   uint32_t xa[16];
   load_chunk_abs<DT>(x + size_t(token) * K, K, chunk, lane, xa);
-  compute_edges<DT>(envelope, k_total, edges, lane);
-  __syncwarp();
+  const uint32_t edge = lane_edge<DT>(env_hi, env_lo, lane);
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
-  select_chunk<DT>(xa, K, chunk, k_chunk, edges, sel, lane);
+  select_chunk<DT>(xa, K, chunk, k_chunk, edge, sel, lane);
   __syncwarp();
   for (int i = lane; i < quota; i += 32) out[size_t(token) * k_total + chunk * k_chunk + i] = sel[i];
 }
