@@ -147,10 +147,22 @@ def task_table(records: list[dict]) -> str:
         ("limit", "limit")])])
 
 
-def plot_perplexity(records: list[dict], out: Path) -> Path | None:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_perplexity(records: list[dict], out: Path) -> Path | None:
+    plt = _pyplot()
 
     datasets = sorted({r["dataset"] for r in records})
     if not datasets:
@@ -190,17 +202,11 @@ def plot_perplexity(records: list[dict], out: Path) -> Path | None:
         ax.set_title(f"{dataset}: perplexity vs k_chunk")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "ppl_vs_k.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "ppl_vs_k.png")
 
 
 def plot_recall(records: list[dict], out: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     lines = defaultdict(dict)
     for r in records:
@@ -219,11 +225,7 @@ def plot_recall(records: list[dict], out: Path) -> Path | None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "recall_vs_k.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "recall_vs_k.png")
 
 
 def main(argv: list[str] | None = None) -> str:
