@@ -38,26 +38,10 @@ struct Act;
 template <>
 struct Act<kHalf> {
   using T = __half;
+  using T2 = __half2;
   static constexpr uint32_t kMagicBase = 0x6400u;  // fp16 1024: 1024 + q is exact for q < 1024
   // the smallest fp16 >= f, as bits
   __device__ static uint32_t round_up_bits(float f) { return __half_as_ushort(__float2half_ru(f)); }
-  // per half: 1.0 where a >= b (0 if either is NaN), and the sum of such results
-  __device__ static uint32_t ge2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("set.ge.f16x2.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
-  __device__ static uint32_t add2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
-  // per half: 0xffff where a >= b
-  __device__ static uint32_t ge2_mask(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("set.ge.u32.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
   __device__ static float to_float(T v) { return __half2float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_half(b); }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
@@ -80,23 +64,9 @@ struct Act<kHalf> {
 template <>
 struct Act<kBFloat16> {
   using T = __nv_bfloat16;
+  using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagicBase = 0x4300u;  // bf16 128: 128 + q is exact for q < 128
   __device__ static uint32_t round_up_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_ru(f)); }
-  __device__ static uint32_t ge2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("set.ge.bf16x2.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
-  __device__ static uint32_t add2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("add.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
-  __device__ static uint32_t ge2_mask(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("set.ge.u32.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
   __device__ static float to_float(T v) { return __bfloat162float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
@@ -162,6 +132,38 @@ __device__ __forceinline__ void load_tile(const uint4* tile, uint4* w) {
 // ------------------------------------------------------------------------------------------------
 // Selection (shared by the DEC role and the standalone kernel)
 
+// Two values of the activation dtype per uint32, compared and summed with the packed intrinsics.
+template <int DT>
+__device__ __forceinline__ typename Act<DT>::T2 as_pair(uint32_t v) {
+  typename Act<DT>::T2 pair;
+  memcpy(&pair, &v, 4);
+  return pair;
+}
+
+// per half: 1.0 where a >= b (0 if either is NaN)
+template <int DT>
+__device__ __forceinline__ uint32_t ge2(uint32_t a, uint32_t b) {
+  const typename Act<DT>::T2 r = __hge2(as_pair<DT>(a), as_pair<DT>(b));
+  uint32_t bits;
+  memcpy(&bits, &r, 4);
+  return bits;
+}
+
+// per half: a + b
+template <int DT>
+__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+  const typename Act<DT>::T2 r = __hadd2(as_pair<DT>(a), as_pair<DT>(b));
+  uint32_t bits;
+  memcpy(&bits, &r, 4);
+  return bits;
+}
+
+// per half: 0xffff where a >= b
+template <int DT>
+__device__ __forceinline__ uint32_t ge2_mask(uint32_t a, uint32_t b) {
+  return __hge2_mask(as_pair<DT>(a), as_pair<DT>(b));
+}
+
 // The selection compares |x| in the activation dtype, two channels per instruction: for |x| in
 // that dtype and an fp32 bucket edge e >= 0, |x| >= e exactly when |x| >= e rounded up to the dtype.
 // NaN compares false with everything, so a NaN |x| (and a channel past the end of a partial chunk,
@@ -221,8 +223,8 @@ __device__ __forceinline__ int count_ge(const uint32_t* xa, uint32_t edge) {
   using A = Act<DT>;
   uint32_t c[4] = {0u, 0u, 0u, 0u};  // per half, exact small integers; four independent chains
 #pragma unroll
-  for (int j = 0; j < 16; ++j) c[j & 3] = A::add2(c[j & 3], A::ge2(xa[j], edge));
-  const uint32_t t = A::add2(A::add2(c[0], c[1]), A::add2(c[2], c[3]));
+  for (int j = 0; j < 16; ++j) c[j & 3] = add2<DT>(c[j & 3], ge2<DT>(xa[j], edge));
+  const uint32_t t = add2<DT>(add2<DT>(c[0], c[1]), add2<DT>(c[2], c[3]));
   const int lane_count = int(A::to_float(A::from_bits(uint16_t(t))) + A::to_float(A::from_bits(uint16_t(t >> 16))));
   return int(__reduce_add_sync(0xffffffffu, unsigned(lane_count)));
 }
@@ -233,7 +235,7 @@ __device__ __forceinline__ uint32_t mask_ge(const uint32_t* xa, uint32_t edge) {
   uint32_t m[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const uint32_t t = Act<DT>::ge2_mask(xa[j], edge);
+    const uint32_t t = ge2_mask<DT>(xa[j], edge);
     m[j & 3] |= ((t & 1u) | ((t >> 15) & 2u)) << (2 * j);
   }
   return (m[0] | m[1]) | (m[2] | m[3]);
@@ -363,7 +365,7 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
     }
     __syncthreads();
     for (int pb = 0; pb < np; pb += pr_count) {
-      if (pb > 0 || b > 0) stage_scales(pb);  // (pass 0 of token 0 was staged at the start)
+      if (np > pr_count && (pb > 0 || b > 0)) stage_scales(pb);  // one pass: staged once, at the start
       const int npr = min(pr_count, np - pb);
       const int pr = tid % pr_count, grp = tid / pr_count;
       if (pr < npr && grp < groups) {
