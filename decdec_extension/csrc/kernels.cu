@@ -140,23 +140,20 @@ __device__ __forceinline__ typename Act<DT>::T2 as_pair(uint32_t v) {
   return pair;
 }
 
+template <typename T2>
+__device__ __forceinline__ uint32_t pair_bits(T2 pair) {
+  uint32_t v;
+  memcpy(&v, &pair, 4);
+  return v;
+}
+
 // per half: 1.0 where a >= b (0 if either is NaN)
 template <int DT>
-__device__ __forceinline__ uint32_t ge2(uint32_t a, uint32_t b) {
-  const typename Act<DT>::T2 r = __hge2(as_pair<DT>(a), as_pair<DT>(b));
-  uint32_t bits;
-  memcpy(&bits, &r, 4);
-  return bits;
-}
+__device__ __forceinline__ uint32_t ge2(uint32_t a, uint32_t b) { return pair_bits(__hge2(as_pair<DT>(a), as_pair<DT>(b))); }
 
 // per half: a + b
 template <int DT>
-__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
-  const typename Act<DT>::T2 r = __hadd2(as_pair<DT>(a), as_pair<DT>(b));
-  uint32_t bits;
-  memcpy(&bits, &r, 4);
-  return bits;
-}
+__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) { return pair_bits(__hadd2(as_pair<DT>(a), as_pair<DT>(b))); }
 
 // per half: 0xffff where a >= b
 template <int DT>
