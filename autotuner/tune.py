@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cuda (default) or cpu; cpu times the reference path, only useful to test this script")
     g.add_argument("--dtype", choices=("float16", "bfloat16"), help="activation dtype (default: from config.json)")
     g.add_argument("--eager", action="store_true", help="time eager calls instead of CUDA graph replays")
+    g.add_argument("--replayed-input", action="store_true",
+                   help="time every call on the same input, so the same residual rows are fetched each time "
+                        "(optimistic: decoding fetches other rows every token; for comparison only)")
     g.add_argument("--k-max", type=int, default=tuning.K_GRID[-1], help="largest k_chunk measured (default %(default)s)")
     d = p.add_argument_group("dry run (analytic cost model)")
     d.add_argument("--dry-run", action="store_true", help="estimate with the analytic model instead of measuring")
@@ -109,7 +112,8 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
     print(f"loading {args.model_dir} on {device} ...", file=sys.stderr)
     model = decdec.load_prepared(args.model_dir, device, dtype=dtype, mode="decdec")
     info = {"gpu": device_name(device), "device": str(device), "dtype": str(next(model.parameters()).dtype),
-            "timing": "eager" if args.eager or device.type != "cuda" else "cuda-graph replays, CUDA events"}
+            "timing": "eager" if args.eager or device.type != "cuda" else "cuda-graph replays, CUDA events",
+            "input": "replayed" if args.replayed_input else "fresh before every timed call"}
     if device.type == "cuda":
         info["bandwidth_GBps"] = {"memory": memory_bandwidth(device) / GB, "pcie": pcie_bandwidth(device) / GB}
         n_tb_max = args.n_tb_max or torch.cuda.get_device_properties(device).multi_processor_count
@@ -117,7 +121,7 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
         n_tb_max = args.n_tb_max or 1
     grid, k_grid = tuning.n_tb_grid(n_tb_max), k_grid_up_to(args.k_max)
     try:
-        table = tuning.measure_table(model, grid, k_grid, cuda_graph=not args.eager)
+        table = tuning.measure_table(model, grid, k_grid, cuda_graph=not args.eager, fresh_input=not args.replayed_input)
     except RuntimeError as e:
         if args.eager or device.type != "cuda":
             raise
@@ -125,7 +129,7 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
         reason = str(e).splitlines()[0]
         print(f"CUDA graph capture failed ({reason}); timing eager calls instead", file=sys.stderr)
         info["timing"] = f"eager calls, CUDA events (graph capture failed: {reason})"
-        table = tuning.measure_table(model, grid, k_grid, cuda_graph=False)
+        table = tuning.measure_table(model, grid, k_grid, cuda_graph=False, fresh_input=not args.replayed_input)
     return table, info
 
 

@@ -18,7 +18,8 @@
 #           then 5 % and 10 % from the same measured table, and a dry run with the measured bandwidths
 #   bench   generate.py --bench: DecDEC off vs the three tuned configs, alternating runs, roofline from
 #           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
-#           and memory growth over $MEM_TOKENS generated tokens
+#           memory growth over $MEM_TOKENS generated tokens, and a profile of $PROFILE_STEPS decode
+#           steps per setting (GPU time by kernel kind)
 #   bench_compiled  (not in the default list) the same benchmark, DecDEC off vs the 2.5 % config, with
 #           the decode step torch.compile'd before capture (fuses the small element-wise kernels)
 #   report  the tuning and benchmark tables
@@ -27,7 +28,7 @@
 #
 # Settings (environment): OUT (where results are copied, default ./device_out), RES (working
 # results, default /tmp/decdec-device-results), SYN (synthetic model dir), SHAPE (llama-3-8b),
-# BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), STAGES.
+# BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), PROFILE_STEPS (20), STAGES.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -37,6 +38,7 @@ BITS=${BITS:-3}
 SYN=${SYN:-/tmp/decdec-synthetic/$SHAPE-${BITS}bit}
 NEW_TOKENS=${NEW_TOKENS:-256}
 MEM_TOKENS=${MEM_TOKENS:-10000}
+PROFILE_STEPS=${PROFILE_STEPS:-20}
 STAGES=${STAGES:-tests build tune bench report}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$RES/logs"
@@ -106,24 +108,24 @@ if want bench; then
     if [[ -n "$TUNED" ]]; then
       # shellcheck disable=SC2086
       run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --tuned $TUNED --fp16-contrast \
-        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
+        --memory-check "$MEM_TOKENS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
     else
       run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --k-chunk 8 --fp16-contrast \
-        --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
+        --memory-check "$MEM_TOKENS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
     fi
   else
     run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --no-decdec --fp16-contrast \
-      --memory-check "$MEM_TOKENS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
+      --memory-check "$MEM_TOKENS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
   fi
 fi
 
 if want bench_compiled; then
   if [[ -f "$RES/tune_2.5.json" ]]; then
     run_stage bench_compiled python end-to-end/generate.py --model-dir "$SYN" --bench --tuned "$RES/tune_2.5.json" \
-      --compile --max-new-tokens "$NEW_TOKENS" --json "$RES/bench_compiled.json"
+      --compile --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench_compiled.json"
   else
     run_stage bench_compiled python end-to-end/generate.py --model-dir "$SYN" --bench --no-decdec --compile \
-      --max-new-tokens "$NEW_TOKENS" --json "$RES/bench_compiled.json"
+      --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench_compiled.json"
   fi
 fi
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--fp16-contrast", action="store_true", help="also time a random fp16 model of the same shape")
     b.add_argument("--memory-check", type=int, metavar="N",
                    help="also generate N tokens in one run and report the memory growth over them")
+    b.add_argument("--profile", type=int, metavar="STEPS",
+                   help="profile STEPS decode steps of every benchmarked setting (CUDA): GPU time per step by "
+                        "kernel kind, to see where a step's time goes")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.prompt_tokens < 1:
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tuned needs --bench")
     if args.memory_check is not None and args.memory_check < 2:
         p.error("--memory-check needs at least 2 tokens")
+    if args.profile is not None and (not args.bench or args.profile < 1 or args.device == "cpu"):
+        p.error("--profile needs --bench, a positive step count and a CUDA device")
     return args
 
 
@@ -237,6 +244,11 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     out = {"memory_bandwidth_GBps": bw / GB if bw else None, "roofline_bytes": quantized_roofline_bytes(model),
            "repeats": repeats, "runs_ms_per_token": {name: [r.ms_per_token for r in t] for (name, _, _), t in zip(configs, times)},
            "graph_errors": {configs[j][0]: s.graph_error for j, s in enumerate(sessions) if s.graph_error}}
+    if args.profile:
+        out["profile"] = {}
+        for (name, settings, _), session in zip(configs, sessions):
+            apply_settings(model, settings)
+            out["profile"][name] = profile_decode(session, ids, args.profile)
     del sessions
     apply_settings(model, configs[-1][1])
     if args.memory_check:
@@ -245,6 +257,73 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
         rows += fp16_contrast(model.config, ids, n, repeats, device, bw, graph, off_ms)
     out["rows"] = rows
     return out
+
+
+# kernel kinds of a decode step, first match wins (names as the profiler reports them)
+KERNEL_KINDS = (
+    ("quantized GEMV + DEC (ours)", re.compile(r"gemv_kernel<.*true>")),
+    ("quantized GEMV (ours)", re.compile(r"gemv_kernel<")),
+    ("fused by torch.compile (Triton)", re.compile(r"^triton")),  # before the others: names list the fused ops
+    ("dense GEMM/GEMV (cuBLAS, lm_head)", re.compile(r"gemm|gemv|cublas|cutlass|xmma|splitk|nvjet", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
+    ("copies and fills", re.compile(r"^Memcpy|^Memset|copy_kernel|fill", re.I)),
+    ("other element-wise and reductions", re.compile(r"")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next(kind for kind, pattern in KERNEL_KINDS if pattern.search(name))
+
+
+def profile_decode(session: DecodeSession, ids: torch.Tensor, steps: int) -> dict:
+    """GPU time per decode step by kernel kind, from the profiler's kernel records over ``steps``
+    steps (graph replays when the session captures one), beside the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    if ids.shape[1] + steps + 1 > session.max_len:
+        raise SystemExit(f"--profile {steps}: the steps do not fit the session's cache of {session.max_len}")
+    token = session.prefill(ids).argmax(-1, keepdim=True)
+    session.step(token)  # captures outside the profile
+    torch.cuda.synchronize(session.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            session.step(token)
+        torch.cuda.synchronize(session.device)
+        wall_us = 1e6 * (time.perf_counter() - t0) / steps
+    by_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            acc = by_name.setdefault(e.name, [0.0, 0])
+            acc[0] += e.time_range.elapsed_us() / steps
+            acc[1] += 1 / steps
+    kinds = {name: [0.0, 0.0] for name, _ in KERNEL_KINDS}
+    for name, (us, calls) in by_name.items():
+        kinds[kernel_kind(name)][0] += us
+        kinds[kernel_kind(name)][1] += calls
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
+    return {"steps": steps, "wall_us_per_step": wall_us, "gpu_us_per_step": sum(us for us, _ in by_name.values()),
+            "kinds": {k: {"us_per_step": us, "kernels_per_step": n} for k, (us, n) in kinds.items() if n},
+            "top_kernels": [{"name": n[:120], "us_per_step": us, "calls_per_step": c} for n, (us, c) in top]}
+
+
+def profile_table(profile: dict) -> str:
+    """One table per setting: GPU time per step by kernel kind, then the largest kernels."""
+    out = []
+    for setting, p in profile.items():
+        out.append(f"\n{setting}: step {p['wall_us_per_step']:.0f} us wall, {p['gpu_us_per_step']:.0f} us of kernel time "
+                   f"({p['steps']} steps profiled)")
+        lines = [("kernel kind", "us/step", "% of kernel time", "kernels/step")]
+        for kind, v in sorted(p["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
+            lines.append((kind, f"{v['us_per_step']:.1f}", f"{100 * v['us_per_step'] / p['gpu_us_per_step']:.1f}",
+                          f"{v['kernels_per_step']:.0f}"))
+        lines += [("  " + k["name"][:70], f"{k['us_per_step']:.1f}", "", f"{k['calls_per_step']:.0f}")
+                  for k in p["top_kernels"][:6]]
+        widths = [max(len(line[c]) for line in lines) for c in range(4)]
+        for j, line in enumerate(lines):
+            out.append("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))))
+            if j == 0:
+                out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
 
 
 def memory_check(model, ids, n: int, graph: bool) -> dict:
@@ -277,7 +356,6 @@ def memory_check(model, ids, n: int, graph: bool) -> dict:
 def fp16_contrast(config, ids, n: int, repeats: int, device: torch.device, bw: float | None, graph: bool,
                   reference_ms: float) -> list[dict]:
     """A random fp16 model of the same config: this loop (static cache, CUDA graph) and HF generate()."""
-    import time
     from transformers import AutoModelForCausalLM
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     with torch.device(device):
@@ -332,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             mc = result["memory_check"]
             print(f"memory growth over {mc['tokens']} tokens: "
                   + ", ".join(f"{k} {v:+.1f}" for k, v in mc["growth"].items()))
+        if "profile" in result:
+            print(profile_table(result["profile"]))
     else:
         session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph, compile=args.compile)
         result.update(run_generate(args, model, tokenizer, ids, session))

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 mc = data["memory_check"]
                 print(f"memory growth over {mc['tokens']} generated tokens: "
                       + ", ".join(f"{k} {v:+.1f}" for k, v in mc["growth"].items()))
+            if "profile" in data:
+                print(generate.profile_table(data["profile"]))
     return 0 if tunes or benches else 1
 
 

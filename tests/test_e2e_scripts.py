@@ -128,3 +128,23 @@ def test_generate_rejects_bad_arguments(generate, capsys):
         generate.main(["--synthetic", "tiny", "--no-decdec", "--k-chunk", "4"])
     with pytest.raises(SystemExit):
         generate.main(["--max-new-tokens", "4"])
+
+
+def test_profile_kernel_kinds_and_table(generate):
+    names = {"void decdec::(anonymous namespace)::gemv_kernel<0, 3, 0, 128, true>(decdec::GemvParams)": "GEMV + DEC",
+             "void decdec::(anonymous namespace)::gemv_kernel<0, 3, 0, 128, false>(decdec::GemvParams)": "quantized GEMV",
+             "triton_red_fused__to_copy_add_gemv_mean_mul_pow_rsqrt_view_14": "Triton",
+             "nvjet_sm90_hsh_384x8_64x4_2x1_v_bz_TNT": "lm_head",
+             "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16": "attention",
+             "Memcpy DtoD (Device -> Device)": "copies",
+             "void at::native::elementwise_kernel<128, 4>": "other"}
+    for name, expected in names.items():
+        assert expected in generate.kernel_kind(name), name
+    profile = {"off": {"steps": 4, "wall_us_per_step": 120.0, "gpu_us_per_step": 100.0,
+                       "kinds": {"quantized GEMV (ours)": {"us_per_step": 75.0, "kernels_per_step": 7},
+                                 "attention": {"us_per_step": 25.0, "kernels_per_step": 1}},
+                       "top_kernels": [{"name": "gemv_kernel<0, 3, 0, 128, false>", "us_per_step": 75.0,
+                                        "calls_per_step": 7}]}}
+    text = generate.profile_table(profile)
+    assert "off: step 120 us wall, 100 us of kernel time" in text
+    assert "quantized GEMV (ours)" in text and "75.0" in text

@@ -102,3 +102,16 @@ def test_gpu_measurement_needs_the_extension(tune, tiny_dir):
         pytest.skip("CUDA extension present")
     with pytest.raises(SystemExit):
         tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "2.5"])
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_measurement_draws_a_fresh_input_per_timed_call(tiny_dir, fresh):
+    """A replayed input fetches the same residual rows every call, which flatters DEC's cost."""
+    from decdec import tuning
+    model = decdec.load_prepared(tiny_dir, mode="decdec")
+    first = next(m for m in model.modules() if isinstance(m, decdec.DecDECLinear))
+    seen = []
+    first.register_forward_hook(lambda mod, args, out: seen.append(args[0].sum().item()))
+    tuning.measure_table(model, [1], (0, 1), fresh_input=fresh, progress=False)
+    assert len(seen) > 10
+    assert (len(set(seen)) > len(seen) // 2) == fresh

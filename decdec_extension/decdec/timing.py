@@ -17,10 +17,14 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def _event_times(run: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``run``, timed with CUDA events."""
+def _event_times(run: Callable[[], None], repeats: int, device: torch.device,
+                 refresh: Callable[[], object] | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run``, timed with CUDA events (``refresh`` runs
+    before each, untimed)."""
     out = []
     for _ in range(repeats):
+        if refresh is not None:
+            refresh()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
@@ -31,16 +35,19 @@ def _event_times(run: Callable[[], None], repeats: int, device: torch.device) ->
 
 
 def time_call(fn: Callable[[], object], device: torch.device | str, *, cuda_graph: bool = True,
-              warmup: int = 3, repeats: int = 15) -> float:
+              warmup: int = 3, repeats: int = 15, refresh: Callable[[], object] | None = None) -> float:
     """Median seconds of one call of ``fn``. On CUDA ``fn`` is captured once as a CUDA graph (after
     warm-up calls on a side stream) and the replays are timed with events; ``cuda_graph=False``
-    times eager calls with events. On CPU: wall-clock time of eager calls."""
+    times eager calls with events. On CPU: wall-clock time of eager calls. ``refresh`` (say, new
+    values for the inputs ``fn`` reads) runs before every timed call and is not timed."""
     device = torch.device(device)
     if device.type != "cuda":
         for _ in range(warmup):
             fn()
         times = []
         for _ in range(repeats):
+            if refresh is not None:
+                refresh()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -48,7 +55,7 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, cuda_grap
     if not cuda_graph:
         for _ in range(warmup):
             fn()
-        return statistics.median(_event_times(fn, repeats, device))
+        return statistics.median(_event_times(fn, repeats, device, refresh))
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -60,7 +67,7 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, cuda_grap
         fn()
     for _ in range(warmup):
         graph.replay()
-    times = _event_times(graph.replay, repeats, device)
+    times = _event_times(graph.replay, repeats, device, refresh)
     del graph
     return statistics.median(times)
 
