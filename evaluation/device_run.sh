@@ -18,7 +18,8 @@
 #
 # Settings (environment): MODEL (required: a .gguf, HF directory or id), DATA (data directory),
 # DEVICE (default cuda), WORK (default /tmp/decdec-eval), OUT (default ./device_out), LIMIT_WINDOWS (default: all),
-# SEQLEN (window tokens, default 2048), GROUP_SIZE (default 128), STAGES (default: all four).
+# SEQLEN (window tokens, default 2048), BATCH (windows per forward pass, default 8), GROUP_SIZE (default 128),
+# STAGES (default: all four).
 # A quick check on CPU: MODEL=stories260k DEVICE=cpu SEQLEN=256 GROUP_SIZE=32 LIMIT_WINDOWS=2 bash ...
 set -u
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ GROUP_SIZE=${GROUP_SIZE:-128}
 OUT=${OUT:-device_out}
 STAGES=${STAGES:-prepare ppl_awq3 ppl_rest report}
 LIMIT=${LIMIT_WINDOWS:+--limit-windows $LIMIT_WINDOWS}
+BATCH=${BATCH:-8}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK/json" "$WORK/logs"
 VARIANTS="rtn3:rtn:3 awq3:awq:3 sqllm3:squeezellm:3 awq35:awq:3.5 awq4:awq:4"
@@ -48,7 +50,7 @@ step() {
 
 ppl() {  # ppl NAME ARGS...: full WikiText-2 test perplexity of one variant
   local name=$1; shift
-  step "ppl_$name" python evaluation/ppl.py --device "$DEVICE" --data-dir "$DATA" --dataset wikitext2 --seqlen "$SEQLEN" $LIMIT \
+  step "ppl_$name" python evaluation/ppl.py --device "$DEVICE" --data-dir "$DATA" --dataset wikitext2 --seqlen "$SEQLEN" --batch-size "$BATCH" $LIMIT \
     --json "$WORK/json/$name.json" "$@"
 }
 

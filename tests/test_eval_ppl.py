@@ -58,7 +58,20 @@ def test_reference_path_matches_batched(ppl, stories3, data_dir):
     assert fast["ppl"] == pytest.approx(ref["ppl"], rel=5e-3)
 
 
+def test_batched_windows_equal_one_at_a_time(ppl, stories3, data_dir):
+    """Several windows per forward pass score the same tokens to the same perplexity, the last
+    batch being partial (5 windows in batches of 2)."""
+    args = ["--model-dir", str(stories3), "--data-dir", str(data_dir), "--seqlen", "64", "--limit-windows", "5",
+            "--mode", "none", "decdec", "--k-chunk", "128"]
+    single = ppl.main(args)
+    batched = ppl.main(args + ["--batch-size", "2"])
+    for a, b in zip(single, batched):
+        assert (a["mode"], a["tokens"], b["batch_size"]) == (b["mode"], b["tokens"], 2)
+        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-4)
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--seqlen", "128", "--batch-size", "0"], "--batch-size"),
     (["--mode", "sideways"], "unknown --mode"),
     (["--k-chunk", "2000"], "--k-chunk"),
     (["--seqlen", "4096"], "exceeds"),

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .linear import DecDECLinear, SelectionGroup
 from .residual import ResidualPack
-from .selection import CHUNK_SIZE, bucket_edges, bucket_index, chunk_quotas, select
+from .selection import CHUNK_SIZE, bucket_edges, chunk_quotas, select
 
 # Scores: larger = taken first. |x| is >= 0, so NaN (ranked last by the reference) maps to -1.
 _NAN_SCORE = -1.0
@@ -43,30 +43,37 @@ def _abs_score(x: Tensor) -> Tensor:
     return x.float().abs().nan_to_num_(nan=_NAN_SCORE, posinf=float("inf"))
 
 
-def _take_segment(score: Tensor, quota: int, edges: Tensor | None) -> Tensor:
+def bucket_bounds(envelope: Tensor, k: int, device: torch.device | str) -> Tensor:
+    """fp32 [34]: entry b is the lower edge of bucket b - 1 as a running minimum, with +inf for
+    b = 0 and -1 (the NaN score) past bucket 31. A score is in a bucket below b iff it is >=
+    entry b, and in bucket b or below iff it is >= entry b + 1 (running minima make this hold
+    for any edges). Constant per envelope and k: the batched group computes it once."""
+    env = envelope.to(device=device, dtype=torch.float32)
+    running_min = bucket_edges(env[0], env[k - 1]).cummin(0).values
+    return torch.cat([running_min.new_full((1,), float("inf")), running_min, running_min.new_full((1,), _NAN_SCORE)])
+
+
+def _take_segment(score: Tensor, quota: int, bounds: Tensor | None) -> Tensor:
     """score [N, chunks, L] -> int64 [N, chunks, quota]: each chunk's channels (unordered).
 
     The quota-th largest score of a chunk splits it into what is taken whole (``above``), the
-    tie that overflows, and the rest; the tie's lowest indices fill the quota. Without ``edges``:
-    exact top-k, the tie being the equal scores. With DecDEC's bucket ``edges``: the bucket of the
-    quota-th largest score is the tie, every higher bucket is ``above``."""
+    tie that overflows, and the rest; the tie's lowest indices fill the quota. Without ``bounds``:
+    exact top-k, the tie being the equal scores. With DecDEC's :func:`bucket_bounds`: the bucket
+    of the quota-th largest score is the tie, every higher bucket is ``above``."""
     length = score.shape[-1]
     kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    if edges is None:
+    if bounds is None:
         above, at_least = score > kth, score >= kth
     else:
-        # ext[b] = lower edge of bucket b - 1 (+inf for b = 0), ext[b + 1] = lower edge of bucket b;
-        # the NaN bucket 32 has lower edge -1 (its score)
-        ext = torch.cat([edges.new_tensor([float("inf")]), edges, edges.new_tensor([_NAN_SCORE])])
-        b = bucket_index(kth, edges)
-        above, at_least = score >= ext[b], score >= ext[b + 1]
+        b = (kth < bounds[1:-1]).sum(-1, keepdim=True)  # the bucket of kth (running minima: a count)
+        above, at_least = score >= bounds[b], score >= bounds[b + 1]
     # rank key: above (0), tie (1), rest (2), then the channel index; above implies at_least
     rank = above.to(torch.int32).add_(at_least)
     pos = torch.arange(2 * length, 3 * length, dtype=torch.int32, device=score.device)
     return pos.sub(rank, alpha=length).topk(quota, dim=-1, largest=False, sorted=False).indices
 
 
-def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, edges: Tensor | None = None) -> Tensor:
+def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, bounds: Tensor | None = None) -> Tensor:
     """score [N, d] (larger first) -> int64 [N, k], each token's channels ascending."""
     n, d = score.shape
     pieces = []
@@ -75,7 +82,7 @@ def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, edges: T
         if quota == length:
             idx = torch.arange(length, device=score.device).expand(seg.shape)
         elif quota:
-            idx = _take_segment(seg, quota, edges)
+            idx = _take_segment(seg, quota, bounds)
         else:
             continue
         offsets = start + torch.arange(seg.shape[1], device=score.device).unsqueeze(-1) * length
@@ -84,9 +91,11 @@ def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, edges: T
 
 
 def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = None, mean_sq: Tensor | None = None,
-                chunk_size: int = CHUNK_SIZE, generator: torch.Generator | None = None) -> Tensor | None:
+                chunk_size: int = CHUNK_SIZE, generator: torch.Generator | None = None,
+                bounds: Tensor | None = None) -> Tensor | None:
     """Same contract and result as :func:`decdec.selection.select`, faster on many tokens for the
-    per-token modes (decdec, exact, exact-global, random); the others use the reference."""
+    per-token modes (decdec, exact, exact-global, random); the others use the reference.
+    ``bounds``: :func:`bucket_bounds` of (envelope, k) when the caller keeps it (decdec mode)."""
     if mode not in ("decdec", "exact", "exact-global", "random"):
         return select(mode, x, k_chunk, envelope, mean_sq, chunk_size, generator)
     d = x.shape[-1]
@@ -101,8 +110,8 @@ def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = No
         return torch.empty(*lead, 0, dtype=torch.int64, device=x.device)
     flat = x.reshape(-1, d)
     if mode == "decdec":
-        env = envelope.to(device=x.device, dtype=torch.float32)
-        sel = _select_by_score(_abs_score(flat), quotas, chunk_size, bucket_edges(env[0], env[k - 1]))
+        bounds = bucket_bounds(envelope, k, x.device) if bounds is None else bounds
+        sel = _select_by_score(_abs_score(flat), quotas, chunk_size, bounds)
     elif mode == "exact":
         sel = _select_by_score(_abs_score(flat), quotas, chunk_size)
     elif mode == "exact-global":
@@ -142,20 +151,29 @@ class _BatchedSelectionGroup(SelectionGroup):
     def compute(self, x: Tensor) -> Tensor:
         if not self.is_prefill(x):
             return super().compute(x)
-        return fast_select(self.mode, x, self.k_chunk, self.envelope, self.mean_sq, self.chunk_size, self.generator)
+        bounds = None
+        if self.mode == "decdec":
+            k = sum(chunk_quotas(x.shape[-1], self.k_chunk, self.chunk_size))
+            cached = getattr(self, "_bounds", None)
+            if cached is None or cached[:2] != (k, x.device) or cached[2] is not self.envelope:
+                cached = self._bounds = (k, x.device, self.envelope, bucket_bounds(self.envelope, k, x.device) if k else None)
+            bounds = cached[3]
+        return fast_select(self.mode, x, self.k_chunk, self.envelope, self.mean_sq, self.chunk_size, self.generator,
+                           bounds)
 
 
 class _BatchedDecDECLinear(DecDECLinear):
     """A DecDECLinear whose compensated multi-token inputs use :func:`fast_residual_correction`
-    with the residual levels unpacked once (kept on the input's device)."""
+    with the residual levels unpacked once and the scales copied once (kept on the input's
+    device: a host -> device copy per call would stall every layer on the GPU)."""
 
     def correction(self, x: Tensor, channels: Tensor) -> Tensor:
         if not self.selection.is_prefill(x):
             return super().correction(x, channels)
-        levels = getattr(self, "_levels", None)
-        if levels is None or levels.device != x.device:
-            levels = self._levels = residual_levels(self.residual, x.device)
-        return fast_residual_correction(x, channels, levels, self.residual.scales)
+        cached = getattr(self, "_levels", None)
+        if cached is None or cached[0].device != x.device:
+            cached = self._levels = (residual_levels(self.residual, x.device), self.residual.scales.to(x.device))
+        return fast_residual_correction(x, channels, *cached)
 
 
 def use_batched_compensation(model: nn.Module) -> int:

@@ -52,10 +52,9 @@ def bucket_edges(b_hi: Tensor, b_lo: Tensor) -> Tensor:
 
 def bucket_index(abs_x: Tensor, edges: Tensor) -> Tensor:
     """int64: the smallest i with |x| >= edges[i]; 32 when there is none (NaN)."""
-    bucket = torch.full(abs_x.shape, NUM_BUCKETS, dtype=torch.int64, device=abs_x.device)
-    for i in range(NUM_BUCKETS - 1, -1, -1):  # descending, so the smallest matching i wins
-        bucket = torch.where(abs_x >= edges[i], i, bucket)
-    return bucket
+    hits = abs_x.unsqueeze(-1) >= edges  # [..., 32]
+    first = hits.to(torch.uint8).argmax(-1)  # argmax returns the first of equal maxima
+    return torch.where(hits.any(-1), first, NUM_BUCKETS)
 
 
 def _take_per_chunk(priority: Tensor, quotas: list[int], chunk_size: int) -> Tensor:
