@@ -158,9 +158,10 @@ def state_for(module, device: torch.device) -> GPUState:
     return state
 
 
-def forward(module, x: Tensor) -> Tensor | None:
-    """DecDECLinear.forward on CUDA; None when the reference path must run instead (compensated
-    inputs of more than 8 tokens, which the reference handles in decode-equivalent evaluation)."""
+def forward(module, x: Tensor) -> Tensor:
+    """DecDECLinear.forward on CUDA. Compensated inputs of more than 8 tokens (decode-equivalent
+    evaluation) take the plain prefill product, as the uncompensated run does, plus the module's
+    fp32 correction of every token."""
     state = state_for(module, x.device)
     group = module.selection
     bias = module.bias if module.bias is None else module.bias.to(x.dtype)
@@ -175,7 +176,9 @@ def forward(module, x: Tensor) -> Tensor | None:
             out = F.linear(x2, state.weight.dequantize(x.dtype), bias)
         return out.view(*lead, module.out_features)
     if tokens > ops.MAX_TOKENS:
-        return None
+        base = F.linear(x2, state.weight.dequantize(x.dtype)).view(*lead, module.out_features)
+        out = base.float() + module.correction(x, group.select(x))
+        return (out if bias is None else out + bias.float()).to(x.dtype)
     channels = None
     if group.mode != "decdec":
         channels = group.select(x).reshape(tokens, -1).contiguous()

@@ -151,10 +151,8 @@ class DecDECLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        if kernels.supports(self, x):  # CUDA kernels; None where only the reference path applies
-            out = kernels.forward(self, x)
-            if out is not None:
-                return out
+        if kernels.supports(self, x):
+            return kernels.forward(self, x)
         channels = None
         if self.residual is not None and self.selection is not None:
             channels = self.selection.select(x)
