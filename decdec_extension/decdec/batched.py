@@ -53,15 +53,23 @@ def bucket_bounds(envelope: Tensor, k: int, device: torch.device | str) -> Tenso
     return torch.cat([running_min.new_full((1,), float("inf")), running_min, running_min.new_full((1,), _NAN_SCORE)])
 
 
-def _take_segment(score: Tensor, quota: int, bounds: Tensor | None) -> Tensor:
+def _take_segment(score: Tensor, quota: int, bounds: Tensor | None, by_sort: bool | None = None) -> Tensor:
     """score [N, chunks, L] -> int64 [N, chunks, quota]: each chunk's channels (unordered).
 
     The quota-th largest score of a chunk splits it into what is taken whole (``above``), the
     tie that overflows, and the rest; the tie's lowest indices fill the quota. Without ``bounds``:
     exact top-k, the tie being the equal scores. With DecDEC's :func:`bucket_bounds`: the bucket
-    of the quota-th largest score is the tie, every higher bucket is ``above``."""
+    of the quota-th largest score is the tie, every higher bucket is ``above``.
+
+    ``by_sort`` (default: on CUDA) finds the k-th values and the taken keys with a sort of each
+    row instead of top-k: the GPU's radix top-k is slow on many short rows, its segmented sort is
+    not, while on the CPU top-k is the faster. Same result either way."""
     length = score.shape[-1]
-    kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    by_sort = score.is_cuda if by_sort is None else by_sort
+    if by_sort:
+        kth = score.sort(dim=-1).values[..., length - quota:length - quota + 1]
+    else:
+        kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     if bounds is None:
         above, at_least = score > kth, score >= kth
     else:
@@ -70,7 +78,10 @@ def _take_segment(score: Tensor, quota: int, bounds: Tensor | None) -> Tensor:
     # rank key: above (0), tie (1), rest (2), then the channel index; above implies at_least
     rank = above.to(torch.int32).add_(at_least)
     pos = torch.arange(2 * length, 3 * length, dtype=torch.int32, device=score.device)
-    return pos.sub(rank, alpha=length).topk(quota, dim=-1, largest=False, sorted=False).indices
+    keys = pos.sub(rank, alpha=length)  # distinct: the quota smallest are the taken channels
+    if by_sort:
+        return keys.sort(dim=-1).indices[..., :quota]
+    return keys.topk(quota, dim=-1, largest=False, sorted=False).indices
 
 
 def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, bounds: Tensor | None = None) -> Tensor:
