@@ -4,7 +4,7 @@
 # Run from the repository root on a CUDA machine with the package installed
 # (pip install --no-build-isolation -e decdec_extension, which builds decdec._C):
 #
-#   bash end-to-end/device_run.sh                 # everything (about 5-8 minutes on an H100)
+#   bash end-to-end/device_run.sh                 # everything (about 8-10 minutes on an H100)
 #   STAGES="tests build tune" bash end-to-end/device_run.sh   # a subset, e.g. to split it over two calls:
 #   STAGES="bench report" bash end-to-end/device_run.sh       # ... the second one (same machine, still warm)
 #
@@ -20,8 +20,8 @@
 #           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
 #           memory growth over $MEM_TOKENS generated tokens, and a profile of $PROFILE_STEPS decode
 #           steps per setting (GPU time by kernel kind)
-#   bench_compiled  (not in the default list) the same benchmark, DecDEC off vs the 2.5 % config, with
-#           the decode step torch.compile'd before capture (fuses the small element-wise kernels)
+#   bench_compiled  the same benchmark, DecDEC off vs the 2.5 % config, with the decode step
+#           torch.compile'd before capture (fuses the small element-wise kernels; about 3 minutes)
 #   report  the tuning and benchmark tables
 # Without the compiled extension it runs in reference mode: tests and tuning are skipped and the
 # benchmark times the CUDA-graph loop with DecDEC off only.
@@ -39,7 +39,7 @@ SYN=${SYN:-/tmp/decdec-synthetic/$SHAPE-${BITS}bit}
 NEW_TOKENS=${NEW_TOKENS:-256}
 MEM_TOKENS=${MEM_TOKENS:-10000}
 PROFILE_STEPS=${PROFILE_STEPS:-20}
-STAGES=${STAGES:-tests build tune bench report}
+STAGES=${STAGES:-tests build tune bench bench_compiled report}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$RES/logs"
 declare -a SUMMARY=()
