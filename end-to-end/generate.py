@@ -298,8 +298,9 @@ def profile_decode(session: DecodeSession, ids: torch.Tensor, steps: int) -> dic
             acc[1] += 1 / steps
     kinds = {name: [0.0, 0.0] for name, _ in KERNEL_KINDS}
     for name, (us, calls) in by_name.items():
-        kinds[kernel_kind(name)][0] += us
-        kinds[kernel_kind(name)][1] += calls
+        acc = kinds[kernel_kind(name)]
+        acc[0] += us
+        acc[1] += calls
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]
     return {"steps": steps, "wall_us_per_step": wall_us, "gpu_us_per_step": sum(us for us, _ in by_name.values()),
             "kinds": {k: {"us_per_step": us, "kernels_per_step": n} for k, (us, n) in kinds.items() if n},
