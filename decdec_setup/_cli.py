@@ -40,9 +40,10 @@ def quantization_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_original_model(name: str, args: argparse.Namespace, stages: "Stages"):
-    """(model, tokenizer) of the original, in the dtype the setup device computes in."""
-    config = load_config(resolve_model(name, args.data_dir))
+def load_original_model(name: str, args: argparse.Namespace, stages: "Stages", config=None):
+    """(model, tokenizer) of the original, in the dtype the setup device computes in (``config``:
+    the model's config when the caller has read it already)."""
+    config = config or load_config(resolve_model(name, args.data_dir))
     with stages("load original"):
         model, tokenizer, _ = load_original(name, dtype=default_dtype(args.device, config), data_dir=args.data_dir)
     return model, tokenizer
@@ -54,7 +55,7 @@ def load_for_quantization(args: argparse.Namespace, stages: "Stages"):
     bits = parse_bits(args.bits)
     config = load_config(resolve_model(args.model, args.data_dir))
     existing = check_out_dir(args.out, artifacts.model_identity(config, args.model), args.overwrite)
-    model, tokenizer = load_original_model(args.model, args, stages)
+    model, tokenizer = load_original_model(args.model, args, stages, config)
     check_quant_settings(model, args.method, bits, args.group_size)
     return model, tokenizer, bits, existing
 

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from _cli import Stages, finish, run_cli
+from _cli import Stages, check_args, finish, run_cli
 from decdec.quantizers import build_cheatsheet, measure_thresholds, quantize_to_dir
 from decdec.synthetic import SHAPES, synthetic_config
 
@@ -32,8 +32,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+    check_args(args)
     out = args.out or tempfile.mkdtemp(prefix=f"decdec-bench-{args.shape}-")
     stages = Stages()
     from transformers import AutoModelForCausalLM

@@ -100,11 +100,6 @@ def resolve_model_dir(args: argparse.Namespace) -> Path:
     return ensure_synthetic_model(out, args.synthetic, args.bits, args.format, num_layers=args.layers, device=draw)
 
 
-def load(args: argparse.Namespace, model_dir: Path):
-    """(model, tokenizer or None)."""
-    return load_for_generation(model_dir, args.device, args.dtype, args.no_decdec, args.k_chunk)
-
-
 def prompt_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> torch.Tensor:
     if tokenizer is None:
         gen = torch.Generator().manual_seed(args.seed)
@@ -388,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model_dir = resolve_model_dir(args)
-    model, tokenizer = load(args, model_dir)
+    model, tokenizer = load_for_generation(model_dir, args.device, args.dtype, args.no_decdec, args.k_chunk)
     device = torch.device(args.device)
     ids = prompt_ids(args, tokenizer, model.config.vocab_size)
     graph = device.type == "cuda" and not args.no_cuda_graph

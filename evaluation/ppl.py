@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ppl, tokens = perplexity(loaded.model, ids, args.seqlen, args.limit_windows, desc=desc,
                                      batch_size=args.batch_size)
             record = {**loaded.info, "dataset": dataset, "mode": mode, "k_chunk": k_chunk, "ppl": ppl,
-                      "tokens": tokens, "seqlen": args.seqlen, "batch_size": args.batch_size, "windows": tokens // (args.seqlen - 1),
-                      "total_windows": ids.shape[1] // args.seqlen,
+                      "tokens": tokens, "seqlen": args.seqlen, "batch_size": args.batch_size,
+                      "windows": tokens // (args.seqlen - 1), "total_windows": ids.shape[1] // args.seqlen,
                       "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
                       "compensation": "decode-equivalent", **run_fields(args)}
             if args.report_recall and mode in K_MODES and k_chunk:
