@@ -23,14 +23,15 @@ def decode_like_kernel(qweight: torch.Tensor, bits: int, n: int, k: int) -> torc
         for i in range(4):
             if bits == 4:
                 pair = (words[..., s] >> (4 * i)) & 0x000F000F
-            else:
-                lo = words[..., s >> 1] >> (8 * (s & 1) + 2 * i)
-                hi = words[..., 8 + (s >> 2)] >> (4 * (s & 3) + i)
-                pair = (lo & 0x00030003) | ((hi & 0x00010001) << 2)
+            elif (j := 4 * (s % 4) + i) < 15:
+                pair = (words[..., 3 * (s // 4) + j // 5] >> (3 * (j % 5))) & 0x00070007
+            else:  # the spare pair: bit b at bits 15 and 31 of word 3m + b
+                w0 = 3 * (s // 4)
+                pair = sum(((words[..., w0 + b] >> (15 - b)) & (0x00010001 << b)) for b in range(3))
             for h in range(2):
                 q = (pair >> 16) if h else (pair & 0xFFFF)  # [rt, kt, 32]
                 rows = (torch.arange(rt).view(-1, 1, 1) * 16 + g + 8 * (i & 1)).expand(rt, kt, 32)
-                cols = (torch.arange(kt).view(1, -1, 1) * 256 + 16 * s + 8 * (i >> 1) + 2 * t + h).expand(rt, kt, 32)
+                cols = (torch.arange(kt).view(1, -1, 1) * 256 + 16 * s + 4 * t + 2 * (i >> 1) + h).expand(rt, kt, 32)
                 codes[rows, cols] = q
     return codes[:n, :k]
 
@@ -92,3 +93,10 @@ def test_ops_report_missing_extension_clearly():
         pytest.skip("the extension is available here")
     with pytest.raises(RuntimeError, match="decdec._C|CUDA device"):
         ops.require()
+
+
+def test_zero_point_outside_the_code_range_is_refused():
+    q = UniformWeight.quantize(torch.randn(16, 256), 3, 128)
+    q.zeros[0, 0] = 8
+    with pytest.raises(ValueError, match="zero points"):
+        kernels.to_gpu_weight(q, torch.device("cpu"))

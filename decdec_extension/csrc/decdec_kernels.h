@@ -6,11 +6,14 @@
 // per lane ("load j of lane l" at word ((j * 32) + l) * 4), so that one warp reads a tile with
 // WORDS / 4 fully coalesced 512-byte loads. Lane l = 4 g + t holds, for each of the 16 k-steps s of
 // the tile, the 8 codes of its mma.m16n8k16 A fragment: element e = e0 + 2 rh + 4 kh is
-// (row 16 rt + g + 8 rh, channel 256 kt + 16 s + 8 kh + 2 t + e0).
+// (row 16 rt + g + 8 rh, channel 256 kt + 16 s + 4 t + 2 kh + e0): a lane's B fragment of a k-step
+// (channels 4 t .. 4 t + 3) is contiguous.
 // - 4 bits (WORDS = 16): word s; e = 2i + h sits at bits [4 i + 16 h, +4).
-// - 3 bits (WORDS = 12): words 0..7 hold the low two bits, word m covering k-steps 2m, 2m+1
-//   (k-step s = 2m + q: e = 2i + h at bits [8 q + 2 i + 16 h, +2)); words 8..11 hold the third
-//   bit, word 8 + m covering k-steps 4m..4m+3 (s = 4m + q: e = 2i + h at bit 4 q + i + 16 h).
+// - 3 bits (WORDS = 12): words 3m..3m+2 hold k-steps 4m..4m+3, whose pairs (e = 2i, 2i + 1) are
+//   numbered j = 4 (s - 4m) + i. Pair j < 15 sits at bits [3 (j % 5), +3) of both 16-bit halves of
+//   word 3m + j / 5 (e = 2i in the low half); pair 15 fills the spare bits: its bit b at bit 15 of
+//   word 3m + b (e = 2i) and at bit 31 (e = 2i + 1). Codes low in each half let the kernel OR them
+//   into an fp16/bf16 mantissa without shifting (kernels.cu, UniformDecoder).
 // Uniform meta: uint32 [n_groups, Npad], fp16 scale bits | zero << 16.
 // LUT meta: fp16 [Npad, 2^bits].
 #pragma once

@@ -45,9 +45,13 @@ struct Act<kHalf> {
   __device__ static float to_float(T v) { return __half2float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_half(b); }
   __device__ static T from_float(float f) { return __float2half_rn(f); }
-  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+  // 2^-p in both halves
+  __host__ __device__ static constexpr uint32_t pow2_neg(int p) { return uint32_t(15 - p) << 10 | uint32_t(15 - p) << 26; }
+  // f in both halves
+  __device__ static uint32_t pair_of(float f) { return __half_as_ushort(__float2half_rn(f)) * 0x10001u; }
+  __device__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
   }
   __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
@@ -70,9 +74,11 @@ struct Act<kBFloat16> {
   __device__ static float to_float(T v) { return __bfloat162float(v); }
   __device__ static T from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
-  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+  __host__ __device__ static constexpr uint32_t pow2_neg(int p) { return uint32_t(127 - p) << 7 | uint32_t(127 - p) << 23; }
+  __device__ static uint32_t pair_of(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)) * 0x10001u; }
+  __device__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
-    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
   }
   __device__ static void mma(float* c, const uint32_t* a, const uint32_t* b) {
@@ -112,15 +118,64 @@ __device__ __forceinline__ uint32_t word_of(const uint4* w, int i) {
   }
 }
 
-// Codes of A-fragment register i (0..3) at k-step s, as two 16-bit integers (layout: decdec_kernels.h).
-// Register i holds row g + 8 (i & 1), channels 8 (i >> 1) + 2 t + {0, 1} of the k-step.
+// Where the two codes of A-fragment register i (0..3) at k-step s live (layout: decdec_kernels.h):
+// at bit `bit` of both 16-bit halves of the lane's word `word`; bit < 0 marks the 3-bit spare pair,
+// whose bit b sits at bits 15 and 31 of word `word` + b. Register i holds row g + 8 (i & 1),
+// channels 4 t + 2 (i >> 1) + {0, 1} of the k-step. Folded at compile time (the loops unroll).
+struct Slot {
+  int word, bit;
+};
+
+template <int BITS>
+__device__ __forceinline__ constexpr Slot slot_of(int s, int i) {
+  if (BITS == 4) return {s, 4 * i};
+  const int j = 4 * (s & 3) + i;  // pair j of the three words holding k-steps 4m .. 4m + 3
+  return j < 15 ? Slot{3 * (s >> 2) + j / 5, 3 * (j % 5)} : Slot{3 * (s >> 2), -1};
+}
+
+// The 3-bit spare pair at bits 0..2 of each half.
+__device__ __forceinline__ uint32_t spare_pair(const uint4* w, int word) {
+  return ((word_of(w, word) >> 15) & 0x00010001u) | ((word_of(w, word + 1) >> 14) & 0x00020002u) |
+         ((word_of(w, word + 2) >> 13) & 0x00040004u);
+}
+
+// Codes of register i at k-step s as two 16-bit integers (LUT indices, dequantization).
 template <int BITS>
 __device__ __forceinline__ uint32_t code_pair(const uint4* w, int s, int i) {
-  if (BITS == 4) return (word_of(w, s) >> (4 * i)) & 0x000F000Fu;
-  const uint32_t lo = word_of(w, s >> 1) >> (8 * (s & 1) + 2 * i);
-  const uint32_t hi = word_of(w, 8 + (s >> 2)) >> (4 * (s & 3) + i);
-  return (lo & 0x00030003u) | ((hi & 0x00010001u) << 2);
+  const Slot at = slot_of<BITS>(s, i);
+  if (at.bit < 0) return spare_pair(w, at.word);
+  return (word_of(w, at.word) >> at.bit) & (((1u << BITS) - 1) * 0x10001u);
 }
+
+// Uniform codes straight to (q - z) in the activation dtype, two per register: one LOP3 ORs the code,
+// still at bit p of each half, into the mantissa of the magic number M (fp16 1024, bf16 128), which
+// gives M + q 2^p exactly; one HFMA2 with 2^-p and -(M 2^-p + z) then gives q - z exactly (small
+// integers). The code must lie inside the mantissa (p <= mantissa bits - BITS), so slots above that
+// are shifted down first, one shift serving kPerShift slots (fp16 3-bit: bits 0, 3, 6, then 9, 12).
+template <int BITS, int DT>
+struct UniformDecoder {
+  static constexpr int kMantissa = DT == kHalf ? 10 : 7;
+  static constexpr int kPerShift = (kMantissa - BITS) / BITS + 1;
+  static constexpr int kSpan = kPerShift * BITS;
+  static constexpr uint32_t kMagic = Act<DT>::kMagicBase * 0x10001u;
+  static constexpr uint32_t kMask = ((1u << BITS) - 1) * 0x10001u;
+  uint32_t offset[2][kPerShift];  // -(M 2^-p + z) for p = 0, BITS, ...; rows g and g + 8
+
+  __device__ __forceinline__ void set_zero(int rh, uint32_t z) {
+    constexpr float kM = DT == kHalf ? 1024.f : 128.f;
+#pragma unroll
+    for (int k = 0; k < kPerShift; ++k) offset[rh][k] = Act<DT>::pair_of(-(kM / float(1 << (k * BITS))) - float(z));
+  }
+
+  __device__ __forceinline__ uint32_t pair(const uint4* w, int s, int i) const {
+    const Slot at = slot_of<BITS>(s, i);
+    const int base = at.bit < 0 ? 0 : at.bit / kSpan * kSpan;
+    const int p = at.bit < 0 ? 0 : at.bit - base;
+    const uint32_t v = at.bit < 0 ? spare_pair(w, at.word) | kMagic
+                                  : ((word_of(w, at.word) >> base) & (kMask << p)) | kMagic;
+    return Act<DT>::fma2(v, Act<DT>::pow2_neg(p), offset[i & 1][p / BITS]);
+  }
+};
 
 template <int BITS>
 __device__ __forceinline__ void load_tile(const uint4* tile, uint4* w) {
@@ -419,10 +474,14 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
 // GEMV role: a persistent block walks the 16-row tiles blk, blk + nblk, ...; its 8 warps split K
 // into 256-channel tiles (warp w takes w, w + 8, ...), each warp prefetching its next tile (across
 // row tiles too) while it computes the current one. The tokens' x is staged once per block in
-// shared memory when it fits (row stride padded by 8 halves: conflict-free B-fragment loads).
+// shared memory when it fits; a lane reads both B-fragment registers of a k-step in one 8-byte load.
+
+// Padding of a staged row, in halves: the 8-byte B-fragment loads of the 8 token rows then fall in
+// distinct banks within each half-warp.
+constexpr int kXPad = 16;
 
 // Shared-memory bytes of the staged x of B tokens (the host splits larger batches).
-__host__ __device__ inline int x_stage_bytes(int B, int K) { return B * (div_up(K, kTileK) * kTileK + 8) * 2; }
+__host__ __device__ inline int x_stage_bytes(int B, int K) { return B * (div_up(K, kTileK) * kTileK + kXPad) * 2; }
 
 // GS: 128 = the group size is 128 (two whole groups per 256-channel tile: no per-step group
 // logic); 0 = any multiple of 16 (generic path). Unused for LUT. DEC: merge the DEC blocks'
@@ -433,18 +492,17 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   using T = typename A::T;
   constexpr int J = (BITS == 4 ? 16 : 12) / 4;
   constexpr int Q = 1 << BITS;
-  constexpr uint32_t kMagic = A::kMagicBase * 0x10001u;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int KT = div_up(p.K, kTileK);
   const int NT = div_up(p.N, kTileRows);
   const int Npad = NT * kTileRows;
-  const int xstride = KT * kTileK + 8;  // halves per staged row
+  const int xstride = KT * kTileK + kXPad;  // halves per staged row
   float* red = reinterpret_cast<float*>(smem);                      // [kWarps][16][8]
   uint32_t* tab = reinterpret_cast<uint32_t*>(red + kWarps * 128);  // LUT: [2][Q][32]
   uint16_t* xs = reinterpret_cast<uint16_t*>(tab + 2 * 16 * 32);    // [B][xstride]
   const uint16_t* xg = reinterpret_cast<const uint16_t*>(p.x);
   // lanes of token columns >= B read token 0: those columns of C are never used
-  const uint32_t* xsrow = reinterpret_cast<const uint32_t*>(xs + (g < p.B ? g : 0) * xstride) + t;
+  const uint32_t* xsrow = reinterpret_cast<const uint32_t*>(xs + (g < p.B ? g : 0) * xstride) + 2 * t;
   const uint32_t* meta = reinterpret_cast<const uint32_t*>(p.meta);
   const int groups = div_up(p.K, p.group_size);
   const uint4* wall = reinterpret_cast<const uint4*>(p.qweight) + lane;
@@ -535,15 +593,17 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const uint32_t c0 = m[2 * half], c1 = m[2 * half + 1];
-          const uint32_t zz0 = (A::kMagicBase + (c0 >> 16)) * 0x10001u;
-          const uint32_t zz1 = (A::kMagicBase + (c1 >> 16)) * 0x10001u;
+          UniformDecoder<BITS, DT> dec;
+          dec.set_zero(0, c0 >> 16);
+          dec.set_zero(1, c1 >> 16);
           float tmp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
           for (int s = 8 * half; s < 8 * half + 8; ++s) {
-            const uint32_t bf[2] = {xk[8 * s], xk[8 * s + 4]};
+            const uint2 xb = *reinterpret_cast<const uint2*>(xk + 8 * s);
+            const uint32_t bf[2] = {xb.x, xb.y};
             uint32_t a[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = A::sub2(code_pair<BITS>(w, s, i) | kMagic, (i & 1) ? zz1 : zz0);
+            for (int i = 0; i < 4; ++i) a[i] = dec.pair(w, s, i);
             A::mma(tmp, a, bf);
           }
           const float s0 = __half2float(__ushort_as_half(uint16_t(c0 & 0xffffu)));
@@ -558,7 +618,9 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
         int grp = g0;
         int rem = kbase - g0 * p.group_size;
         uint32_t c0 = m[0], c1 = m[1];
-        uint32_t zz0 = (A::kMagicBase + (c0 >> 16)) * 0x10001u, zz1 = (A::kMagicBase + (c1 >> 16)) * 0x10001u;
+        UniformDecoder<BITS, DT> dec;
+        dec.set_zero(0, c0 >> 16);
+        dec.set_zero(1, c1 >> 16);
         float tmp[4] = {0.f, 0.f, 0.f, 0.f};
         auto flush = [&]() {
           const float s0 = __half2float(__ushort_as_half(uint16_t(c0 & 0xffffu)));
@@ -582,13 +644,14 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
               c0 = __ldg(meta + size_t(grp) * Npad + row0);
               c1 = __ldg(meta + size_t(grp) * Npad + row0 + 8);
             }
-            zz0 = (A::kMagicBase + (c0 >> 16)) * 0x10001u;
-            zz1 = (A::kMagicBase + (c1 >> 16)) * 0x10001u;
+            dec.set_zero(0, c0 >> 16);
+            dec.set_zero(1, c1 >> 16);
           }
-          const uint32_t bf[2] = {xk[8 * s], xk[8 * s + 4]};
+          const uint2 xb = *reinterpret_cast<const uint2*>(xk + 8 * s);
+          const uint32_t bf[2] = {xb.x, xb.y};
           uint32_t a[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = A::sub2(code_pair<BITS>(w, s, i) | kMagic, (i & 1) ? zz1 : zz0);
+          for (int i = 0; i < 4; ++i) a[i] = dec.pair(w, s, i);
           A::mma(tmp, a, bf);
           rem += 16;
           if (rem == p.group_size) rem = 0;
@@ -598,7 +661,8 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
         const uint32_t* tl = tab + lane;
 #pragma unroll
         for (int s = 0; s < kKSteps; ++s) {
-          const uint32_t bf[2] = {xk[8 * s], xk[8 * s + 4]};
+          const uint2 xb = *reinterpret_cast<const uint2*>(xk + 8 * s);
+          const uint32_t bf[2] = {xb.x, xb.y};
           uint32_t a[4], alo[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
@@ -698,7 +762,7 @@ __global__ void __launch_bounds__(kDequantWarps * 32) dequantize_kernel(const ui
       const uint32_t pair = code_pair<BITS>(w, s, i);
       const int r = g + 8 * (i & 1);
       const int row = min(rt * kTileRows + r, N - 1);  // padding rows: any valid meta, never written
-      const int kl = 16 * s + 8 * (i >> 1) + 2 * t;
+      const int kl = 16 * s + 4 * t + 2 * (i >> 1);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int q = int(h ? pair >> 16 : pair & 0xffffu);

@@ -66,9 +66,9 @@ def tile_codes(codes: Tensor) -> Tensor:
     npad, kpad = _round_up(n, TILE_ROWS), _round_up(k, TILE_K)
     padded = torch.zeros(npad, kpad, dtype=torch.int64, device=codes.device)
     padded[:n, :k] = codes.to(torch.int64)
-    # row = 16 rt + 8 rh + g; channel = 256 kt + 16 s + 8 kh + 2 t + e0; element e = e0 + 2 rh + 4 kh
-    v = padded.view(npad // TILE_ROWS, 2, 8, kpad // TILE_K, 16, 2, 4, 2)
-    v = v.permute(0, 3, 2, 6, 4, 5, 1, 7)  # rt, kt, g, t, s, kh, rh, e0
+    # row = 16 rt + 8 rh + g; channel = 256 kt + 16 s + 4 t + 2 kh + e0; element e = e0 + 2 rh + 4 kh
+    v = padded.view(npad // TILE_ROWS, 2, 8, kpad // TILE_K, 16, 4, 2, 2)
+    v = v.permute(0, 3, 2, 5, 4, 6, 1, 7)  # rt, kt, g, t, s, kh, rh, e0
     return v.reshape(npad // TILE_ROWS, kpad // TILE_K, 32, 16, 8)
 
 
@@ -80,13 +80,15 @@ def pack_tiles(codes: Tensor, bits: int) -> Tensor:
     if bits == 4:
         words = ((lo_e << (4 * i)) | (hi_e << (16 + 4 * i))).sum(-1)  # [..., 16]: word s (disjoint bits)
     else:
-        q2 = torch.arange(2, device=c.device).view(2, 1)
-        low = ((lo_e & 3) << (2 * i)) | ((hi_e & 3) << (16 + 2 * i))  # [..., s, i]
-        low = (low.view(*low.shape[:-2], 8, 2, 4) << (8 * q2)).sum((-1, -2))  # [..., 8]: s = 2m + q
-        q4 = torch.arange(4, device=c.device).view(4, 1)
-        high = ((lo_e >> 2) << i) | ((hi_e >> 2) << (16 + i))
-        high = (high.view(*high.shape[:-2], 4, 4, 4) << (4 * q4)).sum((-1, -2))  # [..., 4]: s = 4m + q
-        words = torch.cat([low, high], dim=-1)  # [..., 12]
+        # pairs j = 4 (s % 4) + i of k-steps 4m .. 4m + 3 share words 3m .. 3m + 2: pair j < 15 at
+        # bits 3 (j % 5) (+ 16) of word 3m + j // 5, pair 15 bit by bit at bits 15 and 31 of all three
+        lo_e, hi_e = lo_e.reshape(*lo_e.shape[:-2], 4, 16), hi_e.reshape(*hi_e.shape[:-2], 4, 16)
+        slot = 3 * torch.arange(5, device=c.device)
+        words = ((lo_e[..., :15].unflatten(-1, (3, 5)) << slot) | (hi_e[..., :15].unflatten(-1, (3, 5)) << (16 + slot)))
+        words = words.sum(-1)  # [..., 4 m, 3 words] (disjoint bits)
+        b = torch.arange(3, device=c.device)
+        spare = (((lo_e[..., 15:] >> b) & 1) << 15) | (((hi_e[..., 15:] >> b) & 1) << 31)
+        words = (words | spare).flatten(-2)  # [..., 12]
     rt, kt, lanes, nw = words.shape
     # load j of lane l = words 4j..4j+3, stored lane-contiguous per load
     words = words.view(rt, kt, lanes, nw // 4, 4).permute(0, 1, 3, 2, 4)
@@ -103,6 +105,8 @@ def to_gpu_weight(weight: QuantizedWeight, device: torch.device) -> GPUWeight:
     if isinstance(weight, UniformWeight):
         if weight.group_size % 16:
             raise ValueError(f"the CUDA kernels need a group size that is a multiple of 16, got {weight.group_size}")
+        if int(weight.zeros.max()) >= 1 << weight.bits:  # the kernels' exact decode relies on it
+            raise ValueError(f"zero points must be codes (< {1 << weight.bits}), got {int(weight.zeros.max())}")
         scale_bits = weight.scales.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
         packed = scale_bits | (weight.zeros.to(torch.int64) << 16)  # [N, G]
         meta = torch.zeros(packed.shape[1], npad, dtype=torch.int64, device=device)
