@@ -6,7 +6,10 @@ op the block we just filled with NaN); selections compared with the CPU referenc
 from __future__ import annotations
 
 import pytest
+import copy
+
 import torch
+from torch import nn
 
 import decdec
 from decdec import kernels, ops
@@ -117,7 +120,7 @@ class Layer:
         self.pack = quantize_residual(w - base if not zero_base else w * 0.1)
         self.dense = base.to(DEV)
         self.gw = kernels.to_gpu_weight(self.q, DEV)
-        self.res, self.pack = kernels.pin_residual(self.pack, DEV)
+        self.res, (self.pack,) = kernels.pin_residuals([self.pack], DEV)
         self.mailbox = ops.new_mailbox(8, n, DEV)
         self.env = rank_envelope(torch.randn(128, k) * (torch.rand(k) * 2 + 0.1))
         self.env_dev = self.env.to(DEV)
@@ -272,3 +275,61 @@ def test_compensated_prefill_matches_reference(mode, batched):
     assert out.shape == (2, 20, n) and out.dtype == torch.float16
     assert rel_err(out, ref.to(DEV)) < 3e-3
     assert rel_err(ref, plain) > 1e-2  # the correction is not negligible: the check above means something
+
+
+def fused_group(mode: str, compensate_prefill: bool = False):
+    """Three linears reading one input (q/k/v-like: different out_features, one without bias), as
+    a container whose forward calls them in order on the same tensor."""
+    k = 1100
+    group = SelectionGroup("q+k+v", rank_envelope(torch.randn(64, k)), mode=mode, k_chunk=16 if mode != "none" else 0,
+                           compensate_prefill=compensate_prefill)
+    layers = nn.ModuleList()
+    for n, bias in ((96, True), (48, False), (64, True)):
+        w = torch.randn(n, k)
+        q = UniformWeight.quantize(w, 3, 128)
+        layers.append(DecDECLinear(q, torch.randn(n) if bias else None, quantize_residual(w - q.dequantize()), group))
+    return group, layers, k
+
+
+@pytest.mark.parametrize("mode", ["decdec", "exact", "none"])
+def test_group_runs_as_one_launch(mode):
+    group, layers, k = fused_group(mode)
+    x = torch.randn(3, k).half().float()  # fp16 values: the same selection on both sides
+    refs = [layer(x) for layer in layers]  # CPU reference path, fp32
+    layers.to(DEV)
+    xd = x.to(DEV).half()
+    outs = [layer(xd) for layer in layers]
+    assert group._gpu is not None and all(layer._gpu is None for layer in layers), "the fused path did not run"
+    assert group._shared is None, "the shared output outlived its last member"
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and rel_err(out, ref.to(DEV)) < 3e-3
+    alone = layers[1](torch.randn(2, k, device=DEV).half())  # a member called on its own input
+    assert alone.shape == (2, 48) and group._shared is not None
+    xp = torch.randn(2, 16, k).half()  # the prefill path
+    for layer, out in zip(layers, [layer(xp.to(DEV)) for layer in layers]):
+        plain = xp.float() @ layer.quantized_weight.dequantize().cpu().t()
+        plain = plain + (layer.bias.float().cpu() if layer.bias is not None else 0)
+        assert rel_err(out.float(), plain) < 3e-3
+
+
+def test_group_compensated_prefill_and_graph_capture():
+    group, layers, k = fused_group("decdec", compensate_prefill=True)
+    x = torch.randn(2, 12, k).half().float()
+    refs = [layer(x) for layer in layers]
+    layers.to(DEV)
+    outs = [layer(x.to(DEV).half()) for layer in layers]
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref.to(DEV)) < 3e-3
+    static_x = torch.randn(1, 1, k, device=DEV).half()
+    reference = copy.deepcopy(layers).cpu()
+    graph = torch.cuda.CUDAGraph()
+    for layer in layers:  # warm up outside the graph
+        layer(static_x)
+    with torch.cuda.graph(graph):
+        static_out = [layer(static_x) for layer in layers]
+    for _ in range(3):
+        static_x.copy_(torch.randn(1, 1, k).half())
+        graph.replay()
+        expected = [layer(static_x.cpu().float()) for layer in reference]
+        for out, ref in zip(static_out, expected):
+            assert rel_err(out, ref.to(DEV)) < 3e-3

@@ -7,6 +7,8 @@ when a layer first runs on a CUDA device:
   with code 0, plus its meta (uniform: scale | zero << 16 per group and row; LUT: the tables);
 - the residual rows into pinned, mapped host memory with rows padded to 16 bytes, which the DEC
   thread blocks read directly (zero-copy); the module's ResidualPack is replaced by a view of it.
+The linears of a selection group (q/k/v, gate/up) are converted side by side, outputs
+concatenated, and run as one launch: one weight stream, one selection, one residual fetch.
 """
 from __future__ import annotations
 
@@ -119,28 +121,53 @@ def to_gpu_weight(weight: QuantizedWeight, device: torch.device) -> GPUWeight:
     raise TypeError(f"no GPU layout for {type(weight).__name__}")
 
 
-def pin_residual(pack: ResidualPack, device: torch.device) -> tuple[GPUResidual, ResidualPack]:
-    """Copies the residual rows into pinned mapped memory (rows padded to 16 bytes); returns the GPU
-    handle and a ResidualPack viewing the same memory (for the reference path), so the host keeps
-    one copy."""
-    pack.validate()
-    rows, row_bytes = pack.packed.shape
-    stride = _round_up(row_bytes, 16)
+def pin_residuals(packs: list[ResidualPack], device: torch.device) -> tuple[GPUResidual, list[ResidualPack]]:
+    """Copies the residual rows of one or more linears with the same input, side by side (their
+    outputs concatenated), into pinned mapped memory with rows padded to 16 bytes; returns the GPU
+    handle and one ResidualPack per linear viewing the same memory (for the reference path), so the
+    host keeps one copy."""
+    for pack in packs:
+        pack.validate()
+    rows = packs[0].packed.shape[0]
+    if any(p.packed.shape[0] != rows for p in packs):
+        raise ValueError(f"residuals of one input differ in rows: {[p.packed.shape[0] for p in packs]}")
+    if len(packs) > 1 and any(p.out_features % 2 for p in packs):
+        raise ValueError("side-by-side residuals need an even number of outputs each")
+    widths = [p.packed.shape[1] for p in packs]
+    stride = _round_up(sum(widths), 16)
     host = ops.alloc_pinned(rows * stride).view(rows, stride)
     host.fill_(0x88)  # nibble 8 = residual 0 in the padding
-    host[:, :row_bytes] = pack.packed.cpu()
-    scales = pack.scales.to(device=device, dtype=torch.float16)
-    view = ResidualPack(host[:, :row_bytes], pack.scales.cpu())
-    return GPUResidual(host, host.data_ptr(), stride, scales), view
+    views, col = [], 0
+    for pack, width in zip(packs, widths):
+        host[:, col:col + width] = pack.packed.cpu()
+        views.append(ResidualPack(host[:, col:col + width], pack.scales.cpu()))
+        col += width
+    scales = torch.cat([p.scales.to(device=device, dtype=torch.float16) for p in packs])
+    return GPUResidual(host, host.data_ptr(), stride, scales), views
+
+
+def concat_gpu_weights(weights: list[GPUWeight]) -> GPUWeight:
+    """The GPU weights of linears with the same input as one weight with their outputs concatenated
+    (a row tile never straddles two: every out_features is a multiple of 16)."""
+    first = weights[0]
+    if any(w.out_features % TILE_ROWS for w in weights):
+        raise ValueError(f"concatenated weights need out_features that are multiples of {TILE_ROWS}")
+    meta_dim = 1 if first.fmt == ops.FORMAT_IDS["uniform"] else 0  # uniform: [groups, N]; LUT: [N, 2**bits]
+    return GPUWeight(torch.cat([w.qweight for w in weights]), torch.cat([w.meta for w in weights], meta_dim),
+                     first.fmt, first.bits, first.group_size, sum(w.out_features for w in weights),
+                     first.in_features)
 
 
 @dataclass
 class GPUState:
-    """What a DecDECLinear keeps on one CUDA device."""
+    """What one launch needs on a CUDA device: the weight of a DecDECLinear, or those of the
+    linears of a selection group side by side (one launch serves them all, see ``fusable``)."""
     device: torch.device
     weight: GPUWeight
     residual: GPUResidual | None
+    bias: Tensor | None  # the linears' biases side by side (zeros where one has none)
     mailbox: Tensor | None  # ops.new_mailbox, grown to the largest batch seen; zero between calls
+    outputs: dict[int, slice]  # id(linear) -> its outputs in the launch's output
 
 
 def supports(module, x: Tensor) -> bool:
@@ -151,46 +178,87 @@ def supports(module, x: Tensor) -> bool:
     return meta["format"] == "lut" or meta["group_size"] % 16 == 0
 
 
+def fusable(linears: list) -> bool:
+    """Whether the linears of a selection group can run as one GPU launch: the same format, bits,
+    group size and input, out_features multiples of 16, and residuals for all or for none."""
+    if len(linears) < 2:
+        return False
+    first = {k: v for k, v in linears[0].weight_meta.items() if k != "out_features"}
+    return all({k: v for k, v in m.weight_meta.items() if k != "out_features"} == first
+               and m.out_features % TILE_ROWS == 0 and (m.residual is None) == (linears[0].residual is None)
+               for m in linears)
+
+
+def _build_state(linears: list, device: torch.device) -> GPUState:
+    weights = [to_gpu_weight(m.quantized_weight, device) for m in linears]
+    residual = None
+    if linears[0].residual is not None:
+        residual, views = pin_residuals([m.residual for m in linears], device)
+        for m, view in zip(linears, views):
+            m.residual = view
+    bias = None
+    if any(m.bias is not None for m in linears):
+        dtype = next(m.bias.dtype for m in linears if m.bias is not None)
+        bias = torch.cat([m.bias.to(device) if m.bias is not None else torch.zeros(m.out_features, dtype=dtype, device=device)
+                          for m in linears])
+    outputs, first = {}, 0
+    for m in linears:
+        outputs[id(m)] = slice(first, first + m.out_features)
+        first += m.out_features
+    return GPUState(device, concat_gpu_weights(weights) if len(weights) > 1 else weights[0], residual, bias, None,
+                    outputs)
+
+
 def state_for(module, device: torch.device) -> GPUState:
-    state = module._gpu
+    """The GPU state serving ``module``: its group's shared one when the group is fusable."""
+    group = module.selection
+    owner = group if group is not None and fusable(group.members) else module
+    state = owner._gpu
     if state is None or state.device != device:
-        weight = to_gpu_weight(module.quantized_weight, device)
-        residual = None
-        if module.residual is not None:
-            residual, module.residual = pin_residual(module.residual, device)
-        state = module._gpu = GPUState(device, weight, residual, None)
+        state = owner._gpu = _build_state(group.members if owner is group else [module], device)
     return state
 
 
 def forward(module, x: Tensor) -> Tensor:
-    """DecDECLinear.forward on CUDA. Compensated inputs of more than 8 tokens (decode-equivalent
-    evaluation) take the plain prefill product, as the uncompensated run does, plus the module's
-    fp32 correction of every token."""
+    """DecDECLinear.forward on CUDA. The linears of a fusable group share one launch per input
+    (the group keeps its output until each has taken its slice)."""
     state = state_for(module, x.device)
     group = module.selection
-    bias = module.bias if module.bias is None else module.bias.to(x.dtype)
+    if len(state.outputs) == 1:
+        return _launch(state, group, x)
+    out = group.shared_output(module, x, lambda: _launch(state, group, x))
+    return out[..., state.outputs[id(module)]]
+
+
+def _launch(state: GPUState, group, x: Tensor) -> Tensor:
+    """The output of the state's linear(s) for ``x``. Compensated inputs of more than 8 tokens
+    (decode-equivalent evaluation) take the plain prefill product, as the uncompensated run does,
+    plus each linear's fp32 correction of every token."""
+    w, r = state.weight, state.residual
+    bias = state.bias if state.bias is None else state.bias.to(x.dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     tokens = x2.shape[0]
-    compensate = state.residual is not None and group is not None and group.compensates(x)
+    compensate = r is not None and group is not None and group.compensates(x)
     if not compensate:
         if tokens <= ops.MAX_TOKENS:
-            out = state.weight.gemv(x2, bias)
+            out = w.gemv(x2, bias)
         else:  # prefill: dequantize once per call and use cuBLAS
-            out = F.linear(x2, state.weight.dequantize(x.dtype), bias)
-        return out.view(*lead, module.out_features)
+            out = F.linear(x2, w.dequantize(x.dtype), bias)
+        return out.view(*lead, w.out_features)
     if tokens > ops.MAX_TOKENS:
-        base = F.linear(x2, state.weight.dequantize(x.dtype)).view(*lead, module.out_features)
-        out = base.float() + module.correction(x, group.select(x))
+        base = F.linear(x2, w.dequantize(x.dtype)).view(*lead, w.out_features)
+        channels = group.select(x)
+        linears = [m for m in group.members if id(m) in state.outputs]
+        out = base.float() + torch.cat([m.correction(x, channels) for m in linears], -1)
         return (out if bias is None else out + bias.float()).to(x.dtype)
     channels = None
     if group.mode != "decdec":
         channels = group.select(x).reshape(tokens, -1).contiguous()
     envelope = group.envelope if group.envelope is not None else x2.new_zeros(k, dtype=torch.float32)
-    w, r = state.weight, state.residual
-    if state.mailbox is None or state.mailbox.numel() < tokens * module.out_features:
-        state.mailbox = ops.new_mailbox(tokens, module.out_features, x.device)
+    if state.mailbox is None or state.mailbox.numel() < tokens * w.out_features:
+        state.mailbox = ops.new_mailbox(tokens, w.out_features, x.device)
     out = ops.gemv_dec(x2, w.qweight, w.meta, bias, w.fmt, w.bits, w.group_size, w.out_features, w.in_features,
                        envelope, channels, group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB,
                        state.mailbox)
-    return out.view(*lead, module.out_features)
+    return out.view(*lead, w.out_features)

@@ -1,7 +1,8 @@
 """``DecDECLinear``: a quantized linear layer with dynamic residual compensation.
 
 Linears that read the same input (q/k/v, gate/up) hold one shared :class:`SelectionGroup`, which
-selects the channels once per input tensor and owns the selection settings of that kind.
+selects the channels once per input tensor and owns the selection settings of that kind; on CUDA
+it also runs its linears as one launch (``kernels.fusable``) and hands each its slice.
 """
 from __future__ import annotations
 
@@ -52,6 +53,25 @@ class SelectionGroup(nn.Module):
         self._cache_key: tuple | None = None
         self._cache_input: weakref.ref | None = None
         self._cache_value: Tensor | None = None
+        # the DecDECLinears reading this input, in call order (a plain list: not submodules)
+        self.members: list[DecDECLinear] = []
+        self._shared: tuple[Tensor, Tensor, set[int]] | None = None  # (input, output, ids served)
+        self._gpu: kernels.GPUState | None = None  # CUDA path of fused members, made on first use
+
+    def add_member(self, linear: "DecDECLinear") -> None:
+        self.members.append(linear)
+        self._gpu = None
+
+    def shared_output(self, member: nn.Module, x: Tensor, compute) -> Tensor:
+        """``compute()`` once per input tensor for all members: the first member to pass ``x``
+        computes it, the others get the same tensor; it is dropped once every member has had it."""
+        if self._shared is None or self._shared[0] is not x:
+            self._shared = (x, compute(), set())
+        _, out, served = self._shared
+        served.add(id(member))
+        if len(served) == len(self.members):
+            self._shared = None
+        return out
 
     def configure(self, mode: str | None = None, k_chunk: int | None = None) -> None:
         mode = self.mode if mode is None else mode
@@ -70,6 +90,8 @@ class SelectionGroup(nn.Module):
         self._cache_key = None
 
     def _apply(self, fn, recurse=True):
+        self._gpu = None
+        self._shared = None
         return _apply_keeping_dtype(self, ("envelope", "mean_sq"), fn, lambda f: super(SelectionGroup, self)._apply(f, recurse))
 
     @property
@@ -125,6 +147,8 @@ class DecDECLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.residual = residual  # deliberately not a buffer: .to(cuda) must not move it to the GPU
         self.selection = selection
+        if selection is not None:
+            selection.add_member(self)
         self._dense: Tensor | None = None  # reference path: dequantized weight, made on first use
         self._gpu: kernels.GPUState | None = None  # CUDA path: GPU layout + pinned residual, made on first use
 
