@@ -140,15 +140,15 @@ def test_recall_meter_per_kind(prepared_tiny):
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_sort_and_topk_segments_agree(exact):
-    """The GPU's sort-based segment selection (run here on the CPU) takes the same channels as
-    the top-k one, ties and NaN scores included."""
+def test_gpu_and_cpu_segment_methods_agree(exact):
+    """The GPU's segment selection (sort for exact top-k, bucket counts for DecDEC; run here on the
+    CPU) takes the same channels as the CPU's top-k, ties and NaN scores included."""
     from decdec.batched import _abs_score, _take_segment, bucket_bounds
     x = awkward_input(576).reshape(-1, 1, 576)
     x[0, 0, :40] = 0.5  # a wide tie
     score = _abs_score(x)
     bounds = None if exact else bucket_bounds(decdec.rank_envelope(torch.randn(40, 576)), 20, "cpu")
     for quota in (1, 20, 300):
-        by_topk = _take_segment(score, quota, bounds, by_sort=False).sort(-1).values
-        by_sort = _take_segment(score, quota, bounds, by_sort=True).sort(-1).values
-        assert torch.equal(by_topk, by_sort), quota
+        by_topk = _take_segment(score, quota, bounds, gpu_method=False).sort(-1).values
+        gpu = _take_segment(score, quota, bounds, gpu_method=True).sort(-1).values
+        assert torch.equal(by_topk, gpu), quota

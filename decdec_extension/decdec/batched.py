@@ -7,7 +7,8 @@ this module computes the same thing with a few whole-tensor operations:
 
 - selection: per chunk, the quota-th largest score fixes a threshold; everything above it is
   taken and the ties at the threshold (the bucket that overflows, for DecDEC) are taken lowest
-  index first. The channel sets are identical to the reference (tests check it).
+  index first. On the GPU, DecDEC's threshold bucket comes from counts per bucket instead (no
+  sort). The channel sets are identical to the reference (tests check it).
 - correction: one weighted gather-sum (``embedding_bag``) of the rows of the residual's integer
   levels, which each layer unpacks once and keeps (fp32 [in, out]); a dense product when many
   channels are selected. Equal to the reference up to fp32 summation order.
@@ -53,7 +54,7 @@ def bucket_bounds(envelope: Tensor, k: int, device: torch.device | str) -> Tenso
     return torch.cat([running_min.new_full((1,), float("inf")), running_min, running_min.new_full((1,), _NAN_SCORE)])
 
 
-def _take_segment(score: Tensor, quota: int, bounds: Tensor | None, by_sort: bool | None = None) -> Tensor:
+def _take_segment(score: Tensor, quota: int, bounds: Tensor | None, gpu_method: bool | None = None) -> Tensor:
     """score [N, chunks, L] -> int64 [N, chunks, quota]: each chunk's channels (unordered).
 
     The quota-th largest score of a chunk splits it into what is taken whole (``above``), the
@@ -61,12 +62,14 @@ def _take_segment(score: Tensor, quota: int, bounds: Tensor | None, by_sort: boo
     exact top-k, the tie being the equal scores. With DecDEC's :func:`bucket_bounds`: the bucket
     of the quota-th largest score is the tie, every higher bucket is ``above``.
 
-    ``by_sort`` (default: on CUDA) finds the k-th values and the taken keys with a sort of each
-    row instead of top-k: the GPU's radix top-k is slow on many short rows, its segmented sort is
-    not, while on the CPU top-k is the faster. Same result either way."""
+    ``gpu_method`` (default: on CUDA) takes the way that is fast on a GPU, where top-k is slow on
+    many short rows: DecDEC by :func:`_take_bucketed`, exact top-k by a sort of each row. On the
+    CPU, top-k is the faster. Same result either way."""
     length = score.shape[-1]
-    by_sort = score.is_cuda if by_sort is None else by_sort
-    if by_sort:
+    gpu = score.is_cuda if gpu_method is None else gpu_method
+    if gpu and bounds is not None:
+        return _take_bucketed(score, quota, bounds)
+    if gpu:
         kth = score.sort(dim=-1).values[..., length - quota:length - quota + 1]
     else:
         kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
@@ -79,9 +82,27 @@ def _take_segment(score: Tensor, quota: int, bounds: Tensor | None, by_sort: boo
     rank = above.to(torch.int32).add_(at_least)
     pos = torch.arange(2 * length, 3 * length, dtype=torch.int32, device=score.device)
     keys = pos.sub(rank, alpha=length)  # distinct: the quota smallest are the taken channels
-    if by_sort:
+    if gpu:
         return keys.sort(dim=-1).indices[..., :quota]
     return keys.topk(quota, dim=-1, largest=False, sorted=False).indices
+
+
+def _take_bucketed(score: Tensor, quota: int, bounds: Tensor) -> Tensor:
+    """:func:`_take_segment` for DecDEC without a sort (ascending): a score's bucket is the number
+    of edges above it; the threshold bucket is the first whose running count reaches the quota."""
+    edges = bounds[1:-1].flip(0)  # the running minima, ascending
+    bucket = edges.numel() - torch.bucketize(score.contiguous(), edges, right=True)  # int64
+    counts = torch.zeros(*score.shape[:-1], edges.numel() + 1, dtype=torch.int32, device=score.device)
+    counts.scatter_add_(-1, bucket, torch.ones(1, dtype=torch.int32, device=score.device).expand(bucket.shape))
+    threshold = (counts.cumsum(-1, dtype=torch.int32) < quota).sum(-1, keepdim=True)
+    above, tie = bucket < threshold, bucket == threshold
+    room = quota - above.sum(-1, keepdim=True)
+    taken = above | (tie & (tie.cumsum(-1) <= room))
+    # exactly `quota` taken per chunk: each goes to its rank among them, the rest to a spare slot
+    slot = torch.where(taken, taken.cumsum(-1).sub_(1), quota)
+    channel = torch.arange(score.shape[-1], device=score.device).expand(score.shape)
+    out = torch.empty(*score.shape[:-1], quota + 1, dtype=torch.int64, device=score.device)
+    return out.scatter_(-1, slot, channel)[..., :quota]
 
 
 def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, bounds: Tensor | None = None) -> Tensor:
@@ -146,11 +167,10 @@ def fast_residual_correction(x: Tensor, channels: Tensor, levels: Tensor, scales
     lead, k = x.shape[:-1], channels.shape[-1]
     if k == 0:
         return torch.zeros(*lead, out_f, dtype=torch.float32, device=x.device)
-    x2 = x.reshape(-1, d).float()
     ch = channels.reshape(-1, k)
-    values = x2.gather(1, ch)
+    values = x.reshape(-1, d).gather(1, ch).float()  # only the selected activations to fp32
     if k > _DENSE_FRACTION * d:
-        out = torch.zeros_like(x2).scatter_(1, ch, values) @ levels
+        out = values.new_zeros(ch.shape[0], d).scatter_(1, ch, values) @ levels
     else:  # each token: the sum of its selected rows of levels, weighted by its activations
         out = torch.nn.functional.embedding_bag(ch, levels, per_sample_weights=values, mode="sum")
     return (out * scales.to(x.device).float()).reshape(*lead, out_f)

@@ -212,11 +212,14 @@ def _build_state(linears: list, device: torch.device) -> GPUState:
 def state_for(module, device: torch.device) -> GPUState:
     """The GPU state serving ``module``: its group's shared one when the group is fusable."""
     group = module.selection
-    owner = group if group is not None and fusable(group.members) else module
-    state = owner._gpu
-    if state is None or state.device != device:
-        state = owner._gpu = _build_state(group.members if owner is group else [module], device)
-    return state
+    for state in (module._gpu, group._gpu if group is not None else None):
+        if state is not None and state.device == device and id(module) in state.outputs:
+            return state
+    if group is not None and fusable(group.members):
+        group._gpu = _build_state(group.members, device)
+        return group._gpu
+    module._gpu = _build_state([module], device)
+    return module._gpu
 
 
 def forward(module, x: Tensor) -> Tensor:
@@ -250,8 +253,8 @@ def _launch(state: GPUState, group, x: Tensor) -> Tensor:
         base = F.linear(x2, w.dequantize(x.dtype)).view(*lead, w.out_features)
         channels = group.select(x)
         linears = [m for m in group.members if id(m) in state.outputs]
-        out = base.float() + torch.cat([m.correction(x, channels) for m in linears], -1)
-        return (out if bias is None else out + bias.float()).to(x.dtype)
+        out = torch.cat([m.correction(x, channels) for m in linears], -1).add_(base)  # fp32
+        return (out if bias is None else out.add_(bias)).to(x.dtype)
     channels = None
     if group.mode != "decdec":
         channels = group.select(x).reshape(tokens, -1).contiguous()
