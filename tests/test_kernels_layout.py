@@ -100,3 +100,44 @@ def test_zero_point_outside_the_code_range_is_refused():
     q.zeros[0, 0] = 8
     with pytest.raises(ValueError, match="zero points"):
         kernels.to_gpu_weight(q, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fmt", ["uniform", "lut"])
+def test_side_by_side_weights_equal_the_stacked_weight(fmt):
+    """A fused group's GPU weight is the GPU weight of its members' rows stacked."""
+    sizes, k = (32, 48, 16), 300
+    if fmt == "uniform":
+        w = torch.randn(sum(sizes), k)
+        parts = [UniformWeight.quantize(p, 3, 64) for p in w.split(sizes)]
+        stacked = UniformWeight.quantize(w, 3, 64)  # row-wise: the same codes, scales and zeros
+    else:
+        codes, lut = torch.randint(0, 8, (sum(sizes), k), dtype=torch.uint8), torch.randn(sum(sizes), 8).half()
+        parts = [LUTWeight.from_codes(c, t, 3) for c, t in zip(codes.split(sizes), lut.split(sizes))]
+        stacked = LUTWeight.from_codes(codes, lut, 3)
+    fused = kernels.concat_gpu_weights([kernels.to_gpu_weight(p, torch.device("cpu")) for p in parts])
+    whole = kernels.to_gpu_weight(stacked, torch.device("cpu"))
+    assert (fused.out_features, fused.in_features) == (whole.out_features, whole.in_features)
+    assert torch.equal(fused.qweight, whole.qweight) and torch.equal(fused.meta, whole.meta)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        kernels.concat_gpu_weights([kernels.to_gpu_weight(UniformWeight.quantize(torch.randn(40, k), 3, 64),
+                                                          torch.device("cpu"))] * 2)
+
+
+def test_group_output_is_computed_once_per_input():
+    from decdec.linear import DecDECLinear, SelectionGroup
+    group = SelectionGroup("a+b+c")
+    members = [DecDECLinear(UniformWeight.quantize(torch.randn(16, 64), 3, 32), selection=group) for _ in range(3)]
+    assert group.members == members and kernels.fusable(members)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.randn(2, 48)
+
+    x, y = torch.randn(2, 64), torch.randn(2, 64)
+    outs = [group.shared_output(m, x, compute) for m in members]
+    assert len(calls) == 1 and all(o is outs[0] for o in outs)
+    assert group._shared is None, "kept after every member had it"
+    group.shared_output(members[0], x, compute)
+    group.shared_output(members[1], y, compute)  # another input: computed again
+    assert len(calls) == 3
