@@ -1,5 +1,8 @@
 """decdec.batched and decdec.recall: the batched decode-equivalent path selects exactly the
 reference's channels, corrects like the reference, and gives the logits of token-by-token decoding."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,7 +10,7 @@ import decdec
 from decdec.batched import fast_residual_correction, fast_select, residual_levels, use_batched_compensation
 from decdec.recall import RecallMeter, selection_recall
 from decdec.residual import residual_correction
-from helpers import prepare_by_hand, tiny_model
+from helpers import load_script, prepare_by_hand, tiny_model
 
 MODES = ["decdec", "exact", "exact-global", "random", "static"]
 
@@ -152,3 +155,13 @@ def test_gpu_and_cpu_segment_methods_agree(exact):
         by_topk = _take_segment(score, quota, bounds, gpu_method=False).sort(-1).values
         gpu = _take_segment(score, quota, bounds, gpu_method=True).sort(-1).values
         assert torch.equal(by_topk, gpu), quota
+
+
+def test_bench_compensation_cli(tmp_path):
+    bench = load_script(Path(__file__).resolve().parents[1] / "evaluation" / "bench_compensation.py")
+    out = tmp_path / "cost.json"
+    records = bench.main(["--device", "cpu", "--batch", "1", "--seqlen", "32", "--repeats", "1",
+                          "--mode", "decdec", "full", "--k-chunk", "8", "--json", str(out)])
+    assert [(r["mode"], r["k_chunk"]) for r in records] == [("none", 0), ("decdec", 8), ("full", 0)]
+    assert records[0]["ratio"] == 1.0 and all(r["ms_per_block"] > 0 for r in records)
+    assert json.loads(out.read_text()) == records
