@@ -277,6 +277,31 @@ def test_compensated_prefill_matches_reference(mode, batched):
     assert rel_err(ref, plain) > 1e-2  # the correction is not negligible: the check above means something
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batched_evaluation_path_on_gpu(dtype):
+    """The batched evaluation path on CUDA (selection kernel, dense product of the masked
+    activations with the levels in the activations' dtype) on 2 x 700 tokens: the selections
+    equal the CPU reference's, the corrections equal the reference's up to fp32 summation order."""
+    from decdec.batched import fast_residual_correction, fast_select, levels_dtype, residual_levels
+    d, out_f = 1600, 200
+    env = rank_envelope(torch.randn(64, d) * torch.rand(d) * 3)
+    x = special_inputs(1400, d, env, dtype).reshape(2, 700, d)
+    pack = quantize_residual(torch.randn(out_f, d) * 0.02)
+    xd = x.to(DEV)
+    assert levels_dtype(xd) == dtype
+    levels = residual_levels(pack, DEV, dtype)
+    for k_chunk in (1, 8, 64, 1024):
+        channels = fast_select("decdec", xd, k_chunk, env)
+        ref_channels = select_channels(x, k_chunk, env)
+        assert torch.equal(channels.cpu(), ref_channels), k_chunk
+        finite = x.float().nan_to_num(0.0, 0.0, 0.0)  # the residual product of NaN/inf is not comparable
+        ref = residual_correction(finite, ref_channels, pack)
+        got = fast_residual_correction(finite.to(DEV, dtype), channels, levels, pack.scales)
+        assert got.dtype == torch.float32 and rel_err(got, ref) < 1e-5, k_chunk
+    with pytest.raises(ValueError, match="levels are"):
+        fast_residual_correction(xd, channels, residual_levels(pack, DEV), pack.scales)
+
+
 def fused_group(mode: str, compensate_prefill: bool = False):
     """Three linears reading one input (q/k/v-like: different out_features, one without bias), as
     a container whose forward calls them in order on the same tensor."""
