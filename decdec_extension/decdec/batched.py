@@ -68,45 +68,53 @@ def _take_segment(score: Tensor, quota: int, bounds: Tensor | None, gpu_method: 
     of the quota-th largest score is the tie, every higher bucket is ``above``.
 
     ``gpu_method`` (default: on CUDA) takes the way that is fast on a GPU, where top-k is slow on
-    many short rows: DecDEC by :func:`_take_bucketed`, exact top-k by a sort of each row. On the
-    CPU, top-k is the faster. Same result either way."""
+    many short rows: DecDEC's threshold bucket from counts per bucket, exact top-k's threshold
+    from a sort of each row, the quota filled by a scatter. On the CPU, top-k is the faster. Same
+    channels either way."""
     length = score.shape[-1]
     gpu = score.is_cuda if gpu_method is None else gpu_method
     if gpu and bounds is not None:
-        return _take_bucketed(score, quota, bounds)
-    if gpu:
-        kth = score.sort(dim=-1).values[..., length - quota:length - quota + 1]
+        above, tie = _bucketed_split(score, quota, bounds)
     else:
-        kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    if bounds is None:
-        above, at_least = score > kth, score >= kth
-    else:
-        b = (kth < bounds[1:-1]).sum(-1, keepdim=True)  # the bucket of kth (running minima: a count)
-        above, at_least = score >= bounds[b], score >= bounds[b + 1]
-    # rank key: above (0), tie (1), rest (2), then the channel index; above implies at_least
-    rank = above.to(torch.int32).add_(at_least)
-    pos = torch.arange(2 * length, 3 * length, dtype=torch.int32, device=score.device)
-    keys = pos.sub(rank, alpha=length)  # distinct: the quota smallest are the taken channels
+        if gpu:
+            kth = score.sort(dim=-1).values[..., length - quota:length - quota + 1]
+        else:
+            kth = score.topk(quota, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        if bounds is None:
+            above, at_least = score > kth, score >= kth
+        else:
+            b = (kth < bounds[1:-1]).sum(-1, keepdim=True)  # the bucket of kth (running minima: a count)
+            above, at_least = score >= bounds[b], score >= bounds[b + 1]
+        tie = at_least & ~above
     if gpu:
-        return keys.sort(dim=-1).indices[..., :quota]
+        return _fill_quota(above, tie, quota)
+    # rank key: above, then tie, then the rest, each by channel index; the quota smallest are taken
+    rank = above.to(torch.int32).mul_(2).add_(tie)
+    keys = torch.arange(2 * length, 3 * length, dtype=torch.int32, device=score.device).sub(rank, alpha=length)
     return keys.topk(quota, dim=-1, largest=False, sorted=False).indices
 
 
-def _take_bucketed(score: Tensor, quota: int, bounds: Tensor) -> Tensor:
-    """:func:`_take_segment` for DecDEC without a sort (ascending): a score's bucket is the number
-    of edges above it; the threshold bucket is the first whose running count reaches the quota."""
+def _bucketed_split(score: Tensor, quota: int, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    """(above, tie) of :func:`_take_segment` for DecDEC without a sort: a score's bucket is the
+    number of edges above it; the threshold bucket is the first whose running count reaches the
+    quota."""
     edges = bounds[1:-1].flip(0)  # the running minima, ascending
     bucket = edges.numel() - torch.bucketize(score.contiguous(), edges, right=True)  # int64
     counts = torch.zeros(*score.shape[:-1], edges.numel() + 1, dtype=torch.int32, device=score.device)
     counts.scatter_add_(-1, bucket, torch.ones(1, dtype=torch.int32, device=score.device).expand(bucket.shape))
     threshold = (counts.cumsum(-1, dtype=torch.int32) < quota).sum(-1, keepdim=True)
-    above, tie = bucket < threshold, bucket == threshold
+    return bucket < threshold, bucket == threshold
+
+
+def _fill_quota(above: Tensor, tie: Tensor, quota: int) -> Tensor:
+    """int64 [..., quota]: the channels (last dim) of ``above`` and the lowest of ``tie``, quota in
+    all, without a sort: each taken channel goes to its rank among the taken, the rest to a spare
+    slot."""
     room = quota - above.sum(-1, keepdim=True)
     taken = above | (tie & (tie.cumsum(-1) <= room))
-    # exactly `quota` taken per chunk: each goes to its rank among them, the rest to a spare slot
     slot = torch.where(taken, taken.cumsum(-1).sub_(1), quota)
-    channel = torch.arange(score.shape[-1], device=score.device).expand(score.shape)
-    out = torch.empty(*score.shape[:-1], quota + 1, dtype=torch.int64, device=score.device)
+    channel = torch.arange(taken.shape[-1], device=taken.device).expand(taken.shape)
+    out = torch.empty(*taken.shape[:-1], quota + 1, dtype=torch.int64, device=taken.device)
     return out.scatter_(-1, slot, channel)[..., :quota]
 
 
