@@ -8,7 +8,8 @@ each window scored from its second token. Compensation is decode-equivalent: eve
 gets the correction it would get if it were the token being decoded.
 
 One record per (dataset, mode, k_chunk), printed as a table and written with --json; its
-``seconds`` time the scoring pass only, after one untimed warm-up batch of the same setting.
+``seconds`` time the scoring pass only (the median of --repeats passes), after one untimed warm-up
+batch of the same setting.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report-recall", action="store_true",
                    help="also measure the recall of each k-dependent mode's selection against the exact top-k, "
                         "per linear kind, over the first window (in an untimed pass)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed passes per setting; the record keeps the median pass's time (for cost comparisons)")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     return p
 
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("error: --limit-windows must be >= 1")
     if args.batch_size < 1:
         raise SystemExit("error: --batch-size must be >= 1")
+    if args.repeats < 1:
+        raise SystemExit("error: --repeats must be >= 1")
     check_modes(args.mode, args.k_chunk)
     loaded = load_model(args)
     max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
@@ -100,14 +105,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             configure(loaded, mode, k_chunk)
             desc = f"{dataset} {mode} k={k_chunk}"
             warm_up(loaded.model, ids, args.seqlen, args.batch_size, args.limit_windows)
-            wall, cpu = time.perf_counter(), time.process_time()
-            ppl, tokens = perplexity(loaded.model, ids, args.seqlen, args.limit_windows, desc=desc,
-                                     batch_size=args.batch_size)
+            passes = []  # (wall seconds, CPU seconds, perplexity, tokens) of each timed pass
+            for _ in range(args.repeats):
+                wall, cpu = time.perf_counter(), time.process_time()
+                ppl, tokens = perplexity(loaded.model, ids, args.seqlen, args.limit_windows, desc=desc,
+                                         batch_size=args.batch_size)
+                passes.append((time.perf_counter() - wall, time.process_time() - cpu, ppl, tokens))
+            seconds, cpu_seconds, ppl, tokens = sorted(passes)[len(passes) // 2]  # the median pass
             record = {**loaded.info, "dataset": dataset, "mode": mode, "k_chunk": k_chunk, "ppl": ppl,
                       "tokens": tokens, "seqlen": args.seqlen, "batch_size": args.batch_size,
                       "windows": tokens // (args.seqlen - 1), "total_windows": ids.shape[1] // args.seqlen,
-                      "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
-                      "compensation": "decode-equivalent", **run_fields(args)}
+                      "seconds": seconds, "cpu_seconds": cpu_seconds, "compensation": "decode-equivalent",
+                      **run_fields(args)}
+            if args.repeats > 1:
+                record["seconds_per_pass"] = [p[0] for p in passes]
             if args.report_recall and mode in K_MODES and k_chunk:
                 record["recall"] = recall_on_first_window(loaded.model, ids, args.seqlen)
                 record["recall_tokens"] = args.seqlen

@@ -50,9 +50,11 @@ def test_original_and_c4(ppl, data_dir):
 def test_reference_path_matches_batched(ppl, stories3, data_dir):
     args = ["--model-dir", str(stories3), "--data-dir", str(data_dir), "--seqlen", "64", "--limit-windows", "1",
             "--mode", "decdec", "--k-chunk", "128"]
-    fast, = ppl.main(args)
+    fast, = ppl.main(args + ["--repeats", "3"])
     ref, = ppl.main(args + ["--reference"])
     assert (fast["path"], ref["path"]) == ("batched", "reference")
+    assert len(fast["seconds_per_pass"]) == 3 and fast["seconds"] == sorted(fast["seconds_per_pass"])[1]
+    assert "seconds_per_pass" not in ref
     # the corrections agree to fp32 rounding, which can move an activation across a bucket edge and
     # change one channel of one token downstream: close, not bit-equal (test_eval_batched is exact)
     assert fast["ppl"] == pytest.approx(ref["ppl"], rel=5e-3)
@@ -76,6 +78,7 @@ def test_batched_windows_equal_one_at_a_time(ppl, stories3, data_dir):
     (["--k-chunk", "2000"], "--k-chunk"),
     (["--seqlen", "4096"], "exceeds"),
     (["--seqlen", "128", "--limit-windows", "0"], "--limit-windows"),
+    (["--seqlen", "128", "--repeats", "0"], "--repeats"),
     (["--seqlen", "128", "--dataset", "wikitext2", "--data-dir", "/nonexistent"], "does not exist"),
 ])
 def test_bad_input(ppl, stories3, data_dir, argv, message, capsys):

@@ -279,27 +279,28 @@ def test_compensated_prefill_matches_reference(mode, batched):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_batched_evaluation_path_on_gpu(dtype):
-    """The batched evaluation path on CUDA (selection kernel, dense product of the masked
-    activations with the levels in the activations' dtype) on 2 x 700 tokens: the selections
-    equal the CPU reference's, the corrections equal the reference's up to fp32 summation order."""
-    from decdec.batched import fast_residual_correction, fast_select, levels_dtype, residual_levels
-    d, out_f = 1600, 200
+    """Evaluation on CUDA, 2 x 700 tokens: DecDEC's batched selection runs in the selection kernel
+    and equals the CPU reference; the compensated output (one product of [x | m] with the weight
+    beside the residual) equals the CPU reference for every selection mode."""
+    from decdec.batched import fast_select, use_batched_compensation
+    d, n = 1600, 200
     env = rank_envelope(torch.randn(64, d) * torch.rand(d) * 3)
     x = special_inputs(1400, d, env, dtype).reshape(2, 700, d)
-    pack = quantize_residual(torch.randn(out_f, d) * 0.02)
-    xd = x.to(DEV)
-    assert levels_dtype(xd) == dtype
-    levels = residual_levels(pack, DEV, dtype)
     for k_chunk in (1, 8, 64, 1024):
-        channels = fast_select("decdec", xd, k_chunk, env)
-        ref_channels = select_channels(x, k_chunk, env)
-        assert torch.equal(channels.cpu(), ref_channels), k_chunk
-        finite = x.float().nan_to_num(0.0, 0.0, 0.0)  # the residual product of NaN/inf is not comparable
-        ref = residual_correction(finite, ref_channels, pack)
-        got = fast_residual_correction(finite.to(DEV, dtype), channels, levels, pack.scales)
-        assert got.dtype == torch.float32 and rel_err(got, ref) < 1e-5, k_chunk
-    with pytest.raises(ValueError, match="levels are"):
-        fast_residual_correction(xd, channels, residual_levels(pack, DEV), pack.scales)
+        assert torch.equal(fast_select("decdec", x.to(DEV), k_chunk, env).cpu(), select_channels(x, k_chunk, env))
+    w = torch.randn(n, d)
+    q = UniformWeight.quantize(w, 3, 128)
+    group = SelectionGroup("o_proj", env, torch.rand(d), compensate_prefill=True)
+    layer = DecDECLinear(q, torch.randn(n), quantize_residual(w - q.dequantize()), group)
+    use_batched_compensation(layer)
+    finite = x.float().nan_to_num(0.0, 0.0, 0.0).to(dtype)  # NaN/inf would swamp the comparison
+    gpu_layer = copy.deepcopy(layer).to(DEV)
+    for mode, k_chunk in (("decdec", 8), ("exact", 64), ("static", 16), ("full", 0)):
+        group.configure(mode=mode, k_chunk=k_chunk)
+        gpu_layer.selection.configure(mode=mode, k_chunk=k_chunk)
+        ref = layer(finite.float())
+        out = gpu_layer(finite.to(DEV))
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype], mode
 
 
 def fused_group(mode: str, compensate_prefill: bool = False):

@@ -10,12 +10,11 @@ this module computes the same thing with a few whole-tensor operations:
   index first. On the GPU, DecDEC's selection is the extension's ``select_channels`` kernel (one
   warp per chunk and token) or, without the extension, counts per bucket (no sort). The channel
   sets are identical to the reference (tests check it).
-- correction: the residual's integer levels, unpacked once per layer and kept. On the CPU, one
-  weighted gather-sum (``embedding_bag``) of the selected rows, or a dense product when many
-  channels are selected. On the GPU, always the dense product of the masked activations (zero
-  outside the selection) with the levels in the activations' dtype (both exact there), fp32
-  accumulation and output: tensor cores do the full product faster than any gather. Equal to
-  the reference up to fp32 summation order.
+- correction (the reference path: CPU, or layers the CUDA kernels do not take): one weighted
+  gather-sum (``embedding_bag``) of the rows of the residual's integer levels, which each layer
+  unpacks once and keeps (fp32 [in, out]); a dense product when many channels are selected. Equal
+  to the reference up to fp32 summation order. On the CUDA path the whole compensated product is
+  one matrix product instead (``kernels``).
 
 :func:`use_batched_compensation` switches a loaded model to these paths for multi-token inputs;
 single-token inputs (decoding) keep the reference path.
@@ -182,31 +181,24 @@ def levels_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def residual_levels(pack: ResidualPack, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
-    """[in, out] in ``dtype``: the residual's integer levels nibble - 8 (scales not applied)."""
-    return pack.nibbles().to(device).to(dtype).sub_(8)
+def residual_levels(pack: ResidualPack, device: torch.device | str) -> Tensor:
+    """fp32 [in, out]: the residual's integer levels nibble - 8 (scales not applied)."""
+    return pack.nibbles().to(device).float().sub_(8)
 
 
 def fast_residual_correction(x: Tensor, channels: Tensor, levels: Tensor, scales: Tensor) -> Tensor:
     """fp32 [..., out] = residual_correction(x, channels, pack) with ``levels`` =
-    :func:`residual_levels` (pack, dtype= :func:`levels_dtype` (x)) and ``scales`` = pack.scales,
-    computed as one product."""
+    :func:`residual_levels` (pack) and ``scales`` = pack.scales, computed as one product."""
     d, out_f = levels.shape
-    if levels.dtype != levels_dtype(x):
-        raise ValueError(f"levels are {levels.dtype}, inputs {x.dtype} on {x.device.type} need {levels_dtype(x)}")
     lead, k = x.shape[:-1], channels.shape[-1]
     if k == 0:
         return torch.zeros(*lead, out_f, dtype=torch.float32, device=x.device)
     ch = channels.reshape(-1, k)
-    values = x.reshape(-1, d).gather(1, ch)
-    if x.is_cuda:
-        masked = values.new_zeros(ch.shape[0], d).scatter_(1, ch, values)
-        out = torch.mm(masked, levels, torch.float32) if levels.dtype != torch.float32 else masked @ levels
-    elif k > _DENSE_FRACTION * d:
-        values = values.float()  # only the selected activations to fp32
+    values = x.reshape(-1, d).gather(1, ch).float()  # only the selected activations to fp32
+    if k > _DENSE_FRACTION * d:
         out = values.new_zeros(ch.shape[0], d).scatter_(1, ch, values) @ levels
     else:  # each token: the sum of its selected rows of levels, weighted by its activations
-        out = torch.nn.functional.embedding_bag(ch, levels, per_sample_weights=values.float(), mode="sum")
+        out = torch.nn.functional.embedding_bag(ch, levels, per_sample_weights=values, mode="sum")
     return (out * scales.to(x.device).float()).reshape(*lead, out_f)
 
 
@@ -236,17 +228,15 @@ class _BatchedDecDECLinear(DecDECLinear):
         if not self.selection.is_prefill(x):
             return super().correction(x, channels)
         cached = getattr(self, "_levels", None)
-        dtype = levels_dtype(x)
-        if cached is None or cached[0].device != x.device or cached[0].dtype != dtype:
-            cached = self._levels = (residual_levels(self.residual, x.device, dtype), self.residual.scales.to(x.device))
+        if cached is None or cached[0].device != x.device:
+            cached = self._levels = (residual_levels(self.residual, x.device), self.residual.scales.to(x.device))
         return fast_residual_correction(x, channels, *cached)
 
 
 def use_batched_compensation(model: nn.Module) -> int:
     """Switches every DecDECLinear and SelectionGroup of ``model`` to the batched paths for
     multi-token compensated inputs (results unchanged up to fp32 summation order); returns the
-    number of linears switched. Costs one copy of the residual levels per linear (fp32 on the CPU,
-    the activations' dtype on the GPU: as large as an fp16 weight)."""
+    number of linears switched. Costs one fp32 copy of the residual levels per linear."""
     n = 0
     for m in model.modules():
         if type(m) is SelectionGroup:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .formats import LUTWeight, QuantizedWeight, UniformWeight, unpack_codes
+from .formats import LUTWeight, QuantizedWeight, UniformWeight, pack_codes, unpack_codes
 from .residual import ResidualPack
 
 TILE_ROWS, TILE_K = 16, 256
@@ -168,6 +168,8 @@ class GPUState:
     bias: Tensor | None  # the linears' biases side by side (zeros where one has none)
     mailbox: Tensor | None  # ops.new_mailbox, grown to the largest batch seen; zero between calls
     outputs: dict[int, slice]  # id(linear) -> its outputs in the launch's output
+    # the residual on the GPU as a 4-bit weight, made on the first compensated prefill (evaluation)
+    residual_weight: GPUWeight | None = None
 
 
 def supports(module, x: Tensor) -> bool:
@@ -235,8 +237,7 @@ def forward(module, x: Tensor) -> Tensor:
 
 def _launch(state: GPUState, group, x: Tensor) -> Tensor:
     """The output of the state's linear(s) for ``x``. Compensated inputs of more than 8 tokens
-    (decode-equivalent evaluation) take the plain prefill product, as the uncompensated run does,
-    plus each linear's fp32 correction of every token."""
+    (decode-equivalent evaluation) take :func:`_compensated_product`."""
     w, r = state.weight, state.residual
     bias = state.bias if state.bias is None else state.bias.to(x.dtype)
     lead, k = x.shape[:-1], x.shape[-1]
@@ -250,11 +251,10 @@ def _launch(state: GPUState, group, x: Tensor) -> Tensor:
             out = F.linear(x2, w.dequantize(x.dtype), bias)
         return out.view(*lead, w.out_features)
     if tokens > ops.MAX_TOKENS:
-        base = F.linear(x2, w.dequantize(x.dtype)).view(*lead, w.out_features)
-        channels = group.select(x)
-        linears = [m for m in group.members if id(m) in state.outputs]
-        out = torch.cat([m.correction(x, channels) for m in linears], -1).add_(base)  # fp32
-        return (out if bias is None else out.add_(bias)).to(x.dtype)
+        if state.residual_weight is None:
+            state.residual_weight = residual_as_weight(r, w.out_features, x.device)
+        channels = group.select(x).reshape(tokens, -1)
+        return _compensated_product(w, state.residual_weight, x2, channels, bias).view(*lead, w.out_features)
     channels = None
     if group.mode != "decdec":
         channels = group.select(x).reshape(tokens, -1).contiguous()
@@ -265,3 +265,30 @@ def _launch(state: GPUState, group, x: Tensor) -> Tensor:
                        envelope, channels, group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB,
                        state.mailbox)
     return out.view(*lead, w.out_features)
+
+
+def residual_as_weight(r: GPUResidual, out_features: int, device: torch.device) -> GPUWeight:
+    """The residual rows as a 4-bit uniform weight in the GPU layout: one group per output row,
+    zero point 8, the residual's scale, so that ``dequantize`` gives R_hat as it gives W (fp32
+    product, one rounding to the activations' dtype). A quarter of an fp16 weight in size."""
+    in_features = r.host.shape[0]
+    nibbles = unpack_codes(r.host.to(device), 4, 2 * r.stride)[:, :out_features].t().contiguous()  # [out, in]
+    zeros = torch.full((out_features, 1), 8, dtype=torch.uint8, device=device)
+    group = _round_up(in_features, 16)  # one group per row; the kernels want a multiple of 16
+    return to_gpu_weight(UniformWeight(pack_codes(nibbles, 4), r.scales.view(-1, 1), zeros, 4, group, in_features), device)
+
+
+def _compensated_product(w: GPUWeight, residual: GPUWeight, x: Tensor, channels: Tensor,
+                         bias: Tensor | None) -> Tensor:
+    """Every token of ``x`` [T, in] compensated on its own ``channels`` [T, k], as one cuBLAS product:
+
+        [x | m] @ [W | R]^T + bias
+
+    with m = x on the token's channels and 0 elsewhere, W and R dequantized to the activations'
+    dtype (``residual``: :func:`residual_as_weight`); fp32 accumulation, and base + correction +
+    bias rounded once, as in the decode kernel."""
+    d = x.shape[1]
+    inputs = torch.empty(x.shape[0], 2 * d, dtype=x.dtype, device=x.device)  # filled in place: no concatenation
+    inputs[:, :d] = x
+    inputs[:, d:].zero_().scatter_(1, channels, x.gather(1, channels))
+    return F.linear(inputs, torch.cat([w.dequantize(x.dtype), residual.dequantize(x.dtype)], dim=1), bias)
