@@ -288,7 +288,6 @@ def _compensated_product(w: GPUWeight, residual: GPUWeight, x: Tensor, channels:
     dtype (``residual``: :func:`residual_as_weight`); fp32 accumulation, and base + correction +
     bias rounded once, as in the decode kernel."""
     d = x.shape[1]
-    inputs = torch.empty(x.shape[0], 2 * d, dtype=x.dtype, device=x.device)  # filled in place: no concatenation
-    inputs[:, :d] = x
-    inputs[:, d:].zero_().scatter_(1, channels, x.gather(1, channels))
+    inputs = F.pad(x, (0, d))  # [x | 0]
+    inputs[:, d:].scatter_(1, channels, x.gather(1, channels))
     return F.linear(inputs, torch.cat([w.dequantize(x.dtype), residual.dequantize(x.dtype)], dim=1), bias)
