@@ -9,6 +9,8 @@ when a layer first runs on a CUDA device:
   thread blocks read directly (zero-copy); the module's ResidualPack is replaced by a view of it.
 The linears of a selection group (q/k/v, gate/up) are converted side by side, outputs
 concatenated, and run as one launch: one weight stream, one selection, one residual fetch.
+Decode-equivalent evaluation (every token of a long input compensated) is one cuBLAS product per
+launch instead, with the residual also kept on the GPU as a 4-bit weight (``_compensated_product``).
 """
 from __future__ import annotations
 
