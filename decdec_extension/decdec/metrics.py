@@ -35,17 +35,17 @@ def perplexity(model: nn.Module, token_ids: Tensor, seqlen: int, limit_windows: 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no sync per window
     all_windows = windows(token_ids, seqlen, limit_windows)
     with tqdm(total=len(all_windows), desc=desc, leave=False) as bar:
         for i in range(0, len(all_windows), batch_size):
             batch = torch.cat(all_windows[i:i + batch_size]).to(device)
             logits = model(input_ids=batch).logits
             for row in range(batch.shape[0]):  # one window's fp32 logits at a time
-                nll += F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum").item()
+                nll += F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum").double()
             count += batch.shape[0] * (seqlen - 1)
             bar.update(batch.shape[0])
-    return math.exp(nll / count), count
+    return math.exp(nll.item() / count), count
 
 
 def kl_divergence(logits_ref: Tensor, logits: Tensor) -> Tensor:
