@@ -175,12 +175,6 @@ def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = No
     return sel.reshape(*lead, k)
 
 
-def levels_dtype(x: Tensor) -> torch.dtype:
-    """The dtype :func:`fast_residual_correction` wants the levels in for inputs like ``x``: the
-    activations' on the GPU when they are fp16/bf16 (levels -8..7 are exact in both), else fp32."""
-    return x.dtype if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
 def residual_levels(pack: ResidualPack, device: torch.device | str) -> Tensor:
     """fp32 [in, out]: the residual's integer levels nibble - 8 (scales not applied)."""
     return pack.nibbles().to(device).float().sub_(8)
