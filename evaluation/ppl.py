@@ -28,6 +28,7 @@ from decdec.recall import RecallMeter  # noqa: E402
 from decdec.resolve import load_text_dataset  # noqa: E402
 
 SPLITS = {"wikitext2": "test", "c4": "validation"}
+NONE = ("none", 0)  # the plain quantized model's run, against which the others' cost is given
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also measure the recall of each k-dependent mode's selection against the exact top-k, "
                         "per linear kind, over the first window (in an untimed pass)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="timed passes per setting; the record keeps the median pass's time (for cost comparisons)")
+                   help="timed passes per setting, the settings taking turns; the record keeps the median pass's "
+                        "time (for cost comparisons)")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     return p
 
@@ -75,7 +77,7 @@ def recall_on_first_window(model: torch.nn.Module, ids: torch.Tensor, seqlen: in
 @torch.no_grad()
 def warm_up(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int, limit: int | None) -> None:
     """One untimed forward pass over the first batch of windows, so that one-time work (kernel
-    selection, per-layer caches such as the unpacked residual levels) is not timed as part of a
+    selection, per-layer caches such as the unpacked residual rows) is not timed as part of a
     setting."""
     first = windows(ids, seqlen, limit=batch_size if limit is None else min(batch_size, limit))
     model(input_ids=torch.cat(first).to(next(model.parameters()).device))
@@ -101,35 +103,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     for dataset in args.dataset:
         ids = token_stream(loaded.tokenizer, dataset, args.data_dir)
-        for mode, k_chunk in runs:
-            configure(loaded, mode, k_chunk)
-            desc = f"{dataset} {mode} k={k_chunk}"
-            warm_up(loaded.model, ids, args.seqlen, args.batch_size, args.limit_windows)
-            passes = []  # (wall seconds, CPU seconds, perplexity, tokens) of each timed pass
-            for _ in range(args.repeats):
+        # (wall seconds, CPU seconds, perplexity, tokens) of each timed pass, per setting. With
+        # --repeats the settings take turns, pass after pass, so that a machine whose speed drifts
+        # over minutes slows every setting alike and their time ratios stay fair.
+        passes: dict[tuple, list] = {run: [] for run in runs}
+        for round_ in range(args.repeats):
+            for mode, k_chunk in runs:
+                configure(loaded, mode, k_chunk)
+                desc = f"{dataset} {mode} k={k_chunk}" + (f" ({round_ + 1}/{args.repeats})" if args.repeats > 1 else "")
+                if round_ == 0:
+                    warm_up(loaded.model, ids, args.seqlen, args.batch_size, args.limit_windows)
                 wall, cpu = time.perf_counter(), time.process_time()
                 ppl, tokens = perplexity(loaded.model, ids, args.seqlen, args.limit_windows, desc=desc,
                                          batch_size=args.batch_size)
-                passes.append((time.perf_counter() - wall, time.process_time() - cpu, ppl, tokens))
-            seconds, cpu_seconds, ppl, tokens = sorted(passes)[len(passes) // 2]  # the median pass
+                passes[mode, k_chunk].append((time.perf_counter() - wall, time.process_time() - cpu, ppl, tokens))
+                print(f"{desc}: ppl {ppl:.4f} over {tokens} tokens ({passes[mode, k_chunk][-1][0]:.1f} s)", flush=True)
+        plain = sorted(passes[NONE])[len(passes[NONE]) // 2][0] if NONE in passes else None
+        for mode, k_chunk in runs:
+            timed = passes[mode, k_chunk]
+            seconds, cpu_seconds, ppl, tokens = sorted(timed)[len(timed) // 2]  # the median pass
             record = {**loaded.info, "dataset": dataset, "mode": mode, "k_chunk": k_chunk, "ppl": ppl,
                       "tokens": tokens, "seqlen": args.seqlen, "batch_size": args.batch_size,
                       "windows": tokens // (args.seqlen - 1), "total_windows": ids.shape[1] // args.seqlen,
                       "seconds": seconds, "cpu_seconds": cpu_seconds, "compensation": "decode-equivalent",
                       **run_fields(args)}
             if args.repeats > 1:
-                record["seconds_per_pass"] = [p[0] for p in passes]
+                record["seconds_per_pass"] = [p[0] for p in timed]
+            if plain is not None:
+                record["cost_vs_none"] = seconds / plain  # the cost of compensating, same run
             if args.report_recall and mode in K_MODES and k_chunk:
+                configure(loaded, mode, k_chunk)
                 record["recall"] = recall_on_first_window(loaded.model, ids, args.seqlen)
                 record["recall_tokens"] = args.seqlen
             records.append(record)
-            print(f"{desc}: ppl {ppl:.4f} over {tokens} tokens ({record['seconds']:.1f} s)", flush=True)
             write_json(args.json, records, quiet=True)  # partial results survive an interruption
     write_json(args.json, records)
     print()
     print(markdown_table(records, [("model", "model"), ("dataset", "dataset"), ("mode", "mode"),
                                    ("k_chunk", "k_chunk"), ("ppl", "perplexity"), ("tokens", "tokens"),
-                                   ("seconds", "seconds")]))
+                                   ("seconds", "seconds"), ("cost_vs_none", "x none")]))
     if args.report_recall:
         rows = [{"mode": r["mode"], "k_chunk": r["k_chunk"], **r["recall"]} for r in records if "recall" in r]
         kinds = sorted({k for r in rows for k in r} - {"mode", "k_chunk", "all"}) + ["all"]

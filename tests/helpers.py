@@ -12,6 +12,7 @@ from torch import nn
 import decdec
 from decdec import artifacts
 from decdec.patching import block_linears, find_decoder_blocks
+from decdec.selection import bucket_edges
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +97,16 @@ def prepare_by_hand(model: nn.Module, out_dir: Path, bits: int = 3, group_size: 
         artifacts.save_thresholds(out_dir / artifacts.THRESHOLDS, qc, stats,
                                   {"source": "random-ids", "nsamples": 4, "seqlen": 16, "tokens": 64})
     return qc
+
+
+def special_inputs(tokens: int, k: int, env: torch.Tensor, dtype) -> torch.Tensor:
+    """Random activations with ties, zeros, NaN, values above the calibration maximum and values
+    exactly on bucket edges."""
+    x = torch.randn(tokens, k)
+    x[0, ::7] = 0.0
+    x[1 % tokens, ::5] = torch.randint(-2, 3, (len(range(0, k, 5)),)).float() * 0.5  # ties
+    x[-1, 3::11] = float("nan")
+    x[0, 1::13] = env[0] * 4
+    edges = bucket_edges(env[0], env[min(k, 64) - 1])
+    x[-1, 2::17] = edges[torch.randint(0, 32, (len(range(2, k, 17)),))]
+    return x.to(dtype)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import decdec
-from decdec.batched import fast_residual_correction, fast_select, residual_levels, use_batched_compensation
+from decdec import ops
+from decdec.batched import fast_residual_correction, fast_select, residual_rows, use_batched_compensation
 from decdec.recall import RecallMeter, selection_recall
 from decdec.residual import residual_correction
 from helpers import load_script, prepare_by_hand, tiny_model
@@ -31,7 +32,11 @@ def awkward_input(d: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("d", [64, 100, 1024, 1536, 2500])
 @pytest.mark.parametrize("k_chunk", [0, 1, 7, 64, 700, 1024])
-def test_fast_select_equals_reference(d, k_chunk):
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_fast_select_equals_reference(d, k_chunk, cpu_kernel, monkeypatch):
+    if cpu_kernel and not ops.cpu_selection_available():
+        pytest.skip("decdec._cpu is not built")
+    monkeypatch.setattr(ops, "cpu_selection_available", lambda: cpu_kernel)  # False: the torch path
     x = awkward_input(d)
     env = decdec.rank_envelope(torch.randn(40, d) * 1.5)
     mean_sq = torch.rand(d)
@@ -62,7 +67,7 @@ def test_fast_correction_equals_reference(k_chunk):
     x = torch.randn(3, 9, d)
     channels = decdec.select_exact(x, k_chunk)
     ref = residual_correction(x, channels, pack)
-    fast = fast_residual_correction(x, channels, residual_levels(pack, "cpu"), pack.scales)
+    fast = fast_residual_correction(x, channels, residual_rows(pack, "cpu"))
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 

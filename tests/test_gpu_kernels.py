@@ -13,10 +13,11 @@ from torch import nn
 
 import decdec
 from decdec import kernels, ops
+from helpers import special_inputs
 from decdec.formats import LUTWeight, UniformWeight
 from decdec.linear import DecDECLinear, SelectionGroup
 from decdec.residual import quantize_residual, residual_correction
-from decdec.selection import bucket_edges, rank_envelope, select_channels
+from decdec.selection import rank_envelope, select_channels
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -75,19 +76,6 @@ def test_dequantize_is_exact(fmt, bits, dtype):
     gw = kernels.to_gpu_weight(q, DEV)
     poison((200, 1000), dtype)
     assert torch.equal(gw.dequantize(dtype).cpu(), q.dequantize().to(dtype))
-
-
-def special_inputs(tokens: int, k: int, env: torch.Tensor, dtype) -> torch.Tensor:
-    """Random activations with ties, zeros, NaN, values above the calibration maximum and values
-    exactly on bucket edges."""
-    x = torch.randn(tokens, k)
-    x[0, ::7] = 0.0
-    x[1 % tokens, ::5] = torch.randint(-2, 3, (len(range(0, k, 5)),)).float() * 0.5  # ties
-    x[-1, 3::11] = float("nan")
-    x[0, 1::13] = env[0] * 4
-    edges = bucket_edges(env[0], env[min(k, 64) - 1])
-    x[-1, 2::17] = edges[torch.randint(0, 32, (len(range(2, k, 17)),))]
-    return x.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

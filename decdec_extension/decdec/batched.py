@@ -7,12 +7,13 @@ this module computes the same thing with a few whole-tensor operations:
 
 - selection: per chunk, the quota-th largest score fixes a threshold; everything above it is
   taken and the ties at the threshold (the bucket that overflows, for DecDEC) are taken lowest
-  index first. On the GPU, DecDEC's selection is the extension's ``select_channels`` kernel (one
-  warp per chunk and token) or, without the extension, counts per bucket (no sort). The channel
-  sets are identical to the reference (tests check it).
+  index first. DecDEC's selection is the extensions' ``select_channels`` kernel where one is built
+  (CUDA: one warp per chunk and token; CPU: counts per chunk, threads over tokens); without them,
+  counts per bucket on the GPU (no sort) and top-k on the CPU. The channel sets are identical to
+  the reference (tests check it).
 - correction (the reference path: CPU, or layers the CUDA kernels do not take): one weighted
-  gather-sum (``embedding_bag``) of the rows of the residual's integer levels, which each layer
-  unpacks once and keeps (fp32 [in, out]); a dense product when many channels are selected. Equal
+  gather-sum (``embedding_bag``) of the residual's rows, which each layer unpacks once and keeps
+  (fp32 [in, out]); a dense product when many channels are selected. Equal
   to the reference up to fp32 summation order. On the CUDA path the whole compensated product is
   one matrix product instead (``kernels``).
 
@@ -135,9 +136,14 @@ def _select_by_score(score: Tensor, quotas: list[int], chunk_size: int, bounds: 
 
 
 def _select_kernel_serves(x: Tensor, chunk_size: int) -> bool:
-    """Whether the extension's selection kernel takes DecDEC's selection of ``x`` [T, d]."""
-    return (chunk_size == CHUNK_SIZE and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and ops.available())
+    """Whether an extension kernel takes DecDEC's selection of ``x`` [T, d]: the CUDA one, or the
+    CPU one (``decdec._cpu``)."""
+    if chunk_size != CHUNK_SIZE:
+        return False
+    if x.is_cuda:
+        return x.dtype in (torch.float16, torch.bfloat16) and ops.available()
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and \
+        ops.cpu_selection_available()
 
 
 def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = None, mean_sq: Tensor | None = None,
@@ -175,25 +181,25 @@ def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = No
     return sel.reshape(*lead, k)
 
 
-def residual_levels(pack: ResidualPack, device: torch.device | str) -> Tensor:
-    """fp32 [in, out]: the residual's integer levels nibble - 8 (scales not applied)."""
-    return pack.nibbles().to(device).float().sub_(8)
+def residual_rows(pack: ResidualPack, device: torch.device | str) -> Tensor:
+    """fp32 [in, out]: R_hat by input channel, (nibble - 8) * scale (exact in fp32)."""
+    return pack.nibbles().to(device).float().sub_(8).mul_(pack.scales.to(device).float())
 
 
-def fast_residual_correction(x: Tensor, channels: Tensor, levels: Tensor, scales: Tensor) -> Tensor:
-    """fp32 [..., out] = residual_correction(x, channels, pack) with ``levels`` =
-    :func:`residual_levels` (pack) and ``scales`` = pack.scales, computed as one product."""
-    d, out_f = levels.shape
+def fast_residual_correction(x: Tensor, channels: Tensor, rows: Tensor) -> Tensor:
+    """fp32 [..., out] = residual_correction(x, channels, pack) with ``rows`` =
+    :func:`residual_rows` (pack), computed as one product."""
+    d, out_f = rows.shape
     lead, k = x.shape[:-1], channels.shape[-1]
     if k == 0:
         return torch.zeros(*lead, out_f, dtype=torch.float32, device=x.device)
     ch = channels.reshape(-1, k)
     values = x.reshape(-1, d).gather(1, ch).float()  # only the selected activations to fp32
     if k > _DENSE_FRACTION * d:
-        out = values.new_zeros(ch.shape[0], d).scatter_(1, ch, values) @ levels
-    else:  # each token: the sum of its selected rows of levels, weighted by its activations
-        out = torch.nn.functional.embedding_bag(ch, levels, per_sample_weights=values, mode="sum")
-    return (out * scales.to(x.device).float()).reshape(*lead, out_f)
+        out = values.new_zeros(ch.shape[0], d).scatter_(1, ch, values) @ rows
+    else:  # each token: the sum of its selected rows, weighted by its activations
+        out = torch.nn.functional.embedding_bag(ch, rows, per_sample_weights=values, mode="sum")
+    return out.reshape(*lead, out_f)
 
 
 class _BatchedSelectionGroup(SelectionGroup):
@@ -215,22 +221,22 @@ class _BatchedSelectionGroup(SelectionGroup):
 
 class _BatchedDecDECLinear(DecDECLinear):
     """A DecDECLinear whose compensated multi-token inputs use :func:`fast_residual_correction`
-    with the residual levels unpacked once and the scales copied once (kept on the input's
-    device: a host -> device copy per call would stall every layer on the GPU)."""
+    with the residual rows unpacked once (kept on the input's device: a host -> device copy per
+    call would stall every layer on the GPU)."""
 
     def correction(self, x: Tensor, channels: Tensor) -> Tensor:
         if not self.selection.is_prefill(x):
             return super().correction(x, channels)
-        cached = getattr(self, "_levels", None)
-        if cached is None or cached[0].device != x.device:
-            cached = self._levels = (residual_levels(self.residual, x.device), self.residual.scales.to(x.device))
-        return fast_residual_correction(x, channels, *cached)
+        rows = getattr(self, "_rows", None)
+        if rows is None or rows.device != x.device:
+            rows = self._rows = residual_rows(self.residual, x.device)
+        return fast_residual_correction(x, channels, rows)
 
 
 def use_batched_compensation(model: nn.Module) -> int:
     """Switches every DecDECLinear and SelectionGroup of ``model`` to the batched paths for
     multi-token compensated inputs (results unchanged up to fp32 summation order); returns the
-    number of linears switched. Costs one fp32 copy of the residual levels per linear."""
+    number of linears switched. Costs one fp32 copy of the residual per linear."""
     n = 0
     for m in model.modules():
         if type(m) is SelectionGroup:

@@ -183,11 +183,8 @@ class DecDECLinear(nn.Module):
         if channels is None:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         # fp32 accumulation of base + correction, one rounding at the end
-        out = F.linear(x.float(), self.dense_weight(torch.float32))
-        out = out + self.correction(x, channels)
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        out = F.linear(x.float(), self.dense_weight(torch.float32), None if self.bias is None else self.bias.float())
+        return out.add_(self.correction(x, channels)).to(x.dtype)
 
     def correction(self, x: Tensor, channels: Tensor) -> Tensor:
         """fp32 [..., out]: the residual correction of the selected ``channels`` of ``x``."""

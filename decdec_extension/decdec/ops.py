@@ -1,8 +1,9 @@
 """The DecDEC custom ops, ``torch.ops.decdec.*``: schemas and fake implementations.
 
 The schemas and fakes are defined here, in Python, so that they exist (and ``torch.compile`` can
-trace them) whether or not the CUDA extension ``decdec._C`` is built; the extension registers the
-CUDA implementations. Call :func:`available` before running them. Weights are in the GPU layout of
+trace them) whether or not the extensions are built: ``decdec._C`` registers the CUDA
+implementations (call :func:`available` before running them), ``decdec._cpu`` a CPU
+implementation of ``select_channels`` (:func:`cpu_selection_available`). Weights are in the GPU layout of
 ``decdec.kernels`` (see ``csrc/decdec_kernels.h``).
 
 - ``gemv(x [B, K], qweight, meta, bias?, fmt, bits, group_size, out_features, in_features) -> [B, N]``: the
@@ -20,6 +21,8 @@ CUDA implementations. Call :func:`available` before running them. Weights are in
   the dense weight (prefill path), equal to ``weight.dequantize().to(dtype)``.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import Tensor
@@ -64,20 +67,27 @@ def _dequantize_fake(qweight, meta, fmt, bits, group_size, out_features, in_feat
     return qweight.new_empty(out_features, in_features, dtype=dtype)
 
 
-def _load_extension() -> bool:
+def _load_extension(name: str) -> bool:
+    """Imports decdec.<name>, which registers its implementations; False when it is not built."""
     try:
-        from . import _C  # noqa: F401  (registers the CUDA implementations)
+        importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return False
     return True
 
 
-_EXTENSION = _load_extension()
+_EXTENSION = _load_extension("_C")
+_CPU_EXTENSION = _load_extension("_cpu")
 
 
 def available() -> bool:
     """True when the CUDA implementations are registered and a CUDA device is present."""
     return _EXTENSION and torch.cuda.is_available()
+
+
+def cpu_selection_available() -> bool:
+    """True when ``select_channels`` has its CPU implementation (the optional ``decdec._cpu``)."""
+    return _CPU_EXTENSION
 
 
 def require() -> None:
