@@ -89,6 +89,18 @@ def test_selection_identical_to_reference(dtype, k):
         assert torch.equal(got.cpu(), ref), (k, k_chunk)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [100, 576, 1024, 1540, 2600])
+def test_select_masked_identical_to_reference(dtype, k):
+    env = rank_envelope(torch.randn(64, k) * torch.rand(k) * 3)
+    x = special_inputs(7, k, env, dtype)
+    for k_chunk in (0, 1, 8, 64, 1024):
+        expected = kernels.masked_inputs(x, select_channels(x, k_chunk, env))
+        poison((7, 2 * k), dtype)
+        got = ops.select_masked(x.to(DEV), env.to(DEV), k_chunk).cpu()
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), (k, k_chunk)  # bits: NaN, -0
+
+
 def test_selection_with_degenerate_envelopes():
     k = 1500
     x = torch.randn(3, k).half()

@@ -215,6 +215,22 @@ Tensor select_channels(const Tensor& x, const Tensor& envelope, int64_t k_chunk)
   return out;
 }
 
+Tensor select_masked(const Tensor& x, const Tensor& envelope, int64_t k_chunk) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  TORCH_CHECK(x.dim() == 2, "decdec: x must be [tokens, d_in], got ", S(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), "decdec: x must be contiguous");
+  const int dt = dtype_code(x);
+  const int64_t K = x.size(1);
+  check_envelope(envelope, x, K);
+  const int64_t k_total = total_selected(K, k_chunk);
+  Tensor out = at::empty({x.size(0), 2 * K}, x.options());
+  const cudaError_t err = decdec::launch_select_masked(x.data_ptr(), dt, int(x.size(0)), int(K),
+                                                       envelope.data_ptr<float>(), int(k_chunk), int(k_total),
+                                                       out.data_ptr(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "decdec: masked selection launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 Tensor dequantize(const Tensor& qweight, const Tensor& meta, int64_t fmt, int64_t bits, int64_t group_size,
                   int64_t out_features, int64_t in_features, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(cuda_device(qweight, "qweight"));
@@ -259,6 +275,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_dec", &gemv_dec);
   m.impl("select_channels", &select_channels);
+  m.impl("select_masked", &select_masked);
   m.impl("dequantize", &dequantize);
 }
 

@@ -293,17 +293,16 @@ __device__ __forceinline__ uint32_t mask_ge(const uint32_t* xa, uint32_t edge) {
   return (m[0] | m[1]) | (m[2] | m[3]);
 }
 
-// One warp selects the quota of one chunk of one token from |x| (load_chunk_abs) and writes the
-// chosen channels ascending at out[0 ...]: DESIGN.md's rule, from counts only. The threshold
-// bucket tb is the smallest b with count(bucket <= b) >= quota (b = 32, which holds NaN, always
-// qualifies); every channel of a bucket < tb is taken, then those of bucket tb, lowest index first.
+// One warp selects the quota of one chunk of one token from |x| (load_chunk_abs): DESIGN.md's
+// rule, from counts only. The threshold bucket tb is the smallest b with count(bucket <= b) >=
+// quota (b = 32, which holds NaN, always qualifies); every channel of a bucket < tb is taken, then
+// those of bucket tb, lowest index first. Returns the lane's taken channels as bits (bit i: channel
+// chunk * 1024 + 32 lane + i); *pos is the rank of its first one among the chunk's taken channels.
 template <int DT>
-__device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, uint32_t edge, int* out, int lane) {
+__device__ uint32_t take_mask(const uint32_t* xa, int K, int chunk, int quota, uint32_t edge, int lane, int* pos) {
   auto edges = [edge](int i) { return __shfl_sync(0xffffffffu, edge, i); };  // edge i is in lane i
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
-  const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
-  if (quota == 0) return;
   const int first = c0 + lane * 32;
   int lo = 0, hi = 32;
   while (lo < hi) {
@@ -333,7 +332,19 @@ __device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, 
     take |= rest & (0u - rest);
     rest &= rest - 1;
   }
-  int pos = (excl & 0xffff) + min(at_before, room);
+  *pos = (excl & 0xffff) + min(at_before, room);
+  return take;
+}
+
+// The chunk's quota of channels, ascending, at out[0 ...] (the whole warp calls it).
+template <int DT>
+__device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, uint32_t edge, int* out, int lane) {
+  const int len = min(kChunk, K - chunk * kChunk);
+  const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
+  if (quota == 0) return;
+  int pos;
+  uint32_t take = take_mask<DT>(xa, K, chunk, quota, edge, lane, &pos);
+  const int first = chunk * kChunk + lane * 32;
   for (; take != 0; take &= take - 1) out[pos++] = first + __ffs(int(take)) - 1;
 }
 
@@ -811,6 +822,52 @@ __global__ void select_kernel(const typename Act<DT>::T* x, int K, const float* 
   for (int i = lane; i < quota; i += 32) out[size_t(token) * k_total + chunk * k_chunk + i] = sel[i];
 }
 
+// [x | m] for decode-equivalent evaluation: m is x on the token's selected channels, 0 elsewhere
+// (out [T, 2K]). One warp per chunk and token, as select_kernel; each lane writes its 32 channels.
+template <int DT>
+__global__ void select_masked_kernel(const typename Act<DT>::T* x, int K, const float* envelope, int k_chunk,
+                                     int k_total, typename Act<DT>::T* out) {
+  using T = typename Act<DT>::T;
+  const int lane = threadIdx.x;
+  const int chunk = blockIdx.x, token = blockIdx.y;
+  const T* xrow = x + size_t(token) * K;
+  T* xout = out + size_t(token) * 2 * K;
+  T* mout = xout + K;
+  const int len = min(kChunk, K - chunk * kChunk);
+  const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
+  uint32_t take = 0;
+  if (quota > 0) {
+    const float env_hi = __ldg(envelope), env_lo = __ldg(envelope + k_total - 1);
+    uint32_t xa[16];
+    load_chunk_abs<DT>(xrow, K, chunk, lane, xa);
+    int pos;
+    take = take_mask<DT>(xa, K, chunk, quota, lane_edge<DT>(env_hi, env_lo, lane), lane, &pos);
+  }
+  const int first = chunk * kChunk + lane * 32;
+  if (K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+      first + 32 <= K) {
+    const uint4* src = reinterpret_cast<const uint4*>(xrow + first);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // 8 channels per 16-byte piece
+      const uint4 v = __ldg(src + j);
+      reinterpret_cast<uint4*>(xout + first)[j] = v;
+      uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int h = 0; h < 8; ++h) {
+        if (!((take >> (8 * j + h)) & 1u)) w[h / 2] &= (h & 1) ? 0x0000ffffu : 0xffff0000u;
+      }
+      reinterpret_cast<uint4*>(mout + first)[j] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+    const T zero = Act<DT>::from_bits(0);
+    for (int i = 0; i < 32 && first + i < K; ++i) {
+      const T v = xrow[first + i];
+      xout[first + i] = v;
+      mout[first + i] = (take >> i) & 1u ? v : zero;
+    }
+  }
+}
+
 }  // namespace
 
 int padded_rows(int N) { return div_up(N, kTileRows) * kTileRows; }
@@ -927,6 +984,20 @@ cudaError_t launch_select(const void* x, int dtype, int T, int K, const float* e
   } else {
     select_kernel<kBFloat16><<<grid, 32, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x), K, envelope, k_chunk,
                                                        k_total, out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_select_masked(const void* x, int dtype, int T, int K, const float* envelope, int k_chunk,
+                                 int k_total, void* out, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  const dim3 grid(div_up(K, kChunk), T);
+  if (dtype == kHalf) {
+    select_masked_kernel<kHalf><<<grid, 32, 0, stream>>>(reinterpret_cast<const __half*>(x), K, envelope, k_chunk,
+                                                          k_total, reinterpret_cast<__half*>(out));
+  } else {
+    select_masked_kernel<kBFloat16><<<grid, 32, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(x), K, envelope,
+                                                              k_chunk, k_total, reinterpret_cast<__nv_bfloat16*>(out));
   }
   return cudaGetLastError();
 }

@@ -23,6 +23,7 @@ from torch import Tensor
 from . import ops
 from .formats import LUTWeight, QuantizedWeight, UniformWeight, pack_codes, unpack_codes
 from .residual import ResidualPack
+from .selection import CHUNK_SIZE
 
 TILE_ROWS, TILE_K = 16, 256
 DEFAULT_N_TB = 16  # DEC thread blocks when the tuned config gives none (best in bench_dec on the H100)
@@ -255,8 +256,11 @@ def _launch(state: GPUState, group, x: Tensor) -> Tensor:
     if tokens > ops.MAX_TOKENS:
         if state.residual_weight is None:
             state.residual_weight = residual_as_weight(r, w.out_features, x.device)
-        channels = group.select(x).reshape(tokens, -1)
-        return _compensated_product(w, state.residual_weight, x2, channels, bias).view(*lead, w.out_features)
+        if group.mode == "decdec" and group.chunk_size == CHUNK_SIZE:  # selection and [x | m] in one kernel
+            inputs = ops.select_masked(x2, group.envelope, group.k_chunk)
+        else:
+            inputs = masked_inputs(x2, group.select(x).reshape(tokens, -1))
+        return _compensated_product(w, state.residual_weight, inputs, bias).view(*lead, w.out_features)
     channels = None
     if group.mode != "decdec":
         channels = group.select(x).reshape(tokens, -1).contiguous()
@@ -280,16 +284,22 @@ def residual_as_weight(r: GPUResidual, out_features: int, device: torch.device) 
     return to_gpu_weight(UniformWeight(pack_codes(nibbles, 4), r.scales.view(-1, 1), zeros, 4, group, in_features), device)
 
 
-def _compensated_product(w: GPUWeight, residual: GPUWeight, x: Tensor, channels: Tensor,
-                         bias: Tensor | None) -> Tensor:
-    """Every token of ``x`` [T, in] compensated on its own ``channels`` [T, k], as one cuBLAS product:
+def masked_inputs(x: Tensor, channels: Tensor) -> Tensor:
+    """[x | m] [T, 2 in]: m = x on each token's ``channels`` [T, k] and 0 elsewhere (what
+    ``ops.select_masked`` makes for DecDEC's own selection)."""
+    d = x.shape[1]
+    inputs = F.pad(x, (0, d))
+    inputs[:, d:].scatter_(1, channels, x.gather(1, channels))
+    return inputs
+
+
+def _compensated_product(w: GPUWeight, residual: GPUWeight, inputs: Tensor, bias: Tensor | None) -> Tensor:
+    """Every token compensated on its own channels, as one cuBLAS product:
 
         [x | m] @ [W | R]^T + bias
 
-    with m = x on the token's channels and 0 elsewhere, W and R dequantized to the activations'
+    with ``inputs`` = [x | m] (:func:`masked_inputs`), W and R dequantized to the activations'
     dtype (``residual``: :func:`residual_as_weight`); fp32 accumulation, and base + correction +
     bias rounded once, as in the decode kernel."""
-    d = x.shape[1]
-    inputs = F.pad(x, (0, d))  # [x | 0]
-    inputs[:, d:].scatter_(1, channels, x.gather(1, channels))
-    return F.linear(inputs, torch.cat([w.dequantize(x.dtype), residual.dequantize(x.dtype)], dim=1), bias)
+    dtype = inputs.dtype
+    return F.linear(inputs, torch.cat([w.dequantize(dtype), residual.dequantize(dtype)], dim=1), bias)

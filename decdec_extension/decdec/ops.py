@@ -17,6 +17,8 @@ implementation of ``select_channels`` (:func:`cpu_selection_available`). Weights
   op is functional.
 - ``select_channels(x [T, K], envelope, k_chunk) -> int64 [T, k]``: DecDEC's selection, identical
   to :func:`decdec.select_channels`.
+- ``select_masked(x [T, K], envelope, k_chunk) -> [T, 2K]``: ``[x | m]`` with m = x on each token's
+  DecDEC selection and 0 elsewhere (the input of the compensated product of evaluation).
 - ``dequantize(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype) -> [N, K]``:
   the dense weight (prefill path), equal to ``weight.dequantize().to(dtype)``.
 """
@@ -39,6 +41,7 @@ _lib.define("gemv_dec(Tensor x, Tensor qweight, Tensor meta, Tensor? bias, int f
             "int out_features, int in_features, Tensor envelope, Tensor? channels, int k_chunk, int residual_ptr, "
             "int residual_stride, Tensor residual_scales, int n_tb, Tensor mailbox) -> Tensor")
 _lib.define("select_channels(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
+_lib.define("select_masked(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
 _lib.define("dequantize(Tensor qweight, Tensor meta, int fmt, int bits, int group_size, int out_features, "
             "int in_features, ScalarType dtype) -> Tensor")
 
@@ -60,6 +63,12 @@ def _gemv_dec_fake(x, qweight, meta, bias, fmt, bits, group_size, out_features, 
 def _select_fake(x, envelope, k_chunk):
     torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
     return x.new_empty(x.shape[0], num_selected(x.shape[1], k_chunk, CHUNK_SIZE), dtype=torch.int64)
+
+
+@torch.library.register_fake("decdec::select_masked")
+def _select_masked_fake(x, envelope, k_chunk):
+    torch._check(x.dim() == 2, lambda: f"x must be [tokens, in], got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], 2 * x.shape[1])
 
 
 @torch.library.register_fake("decdec::dequantize")
@@ -125,6 +134,10 @@ def new_mailbox(tokens: int, out_features: int, device: torch.device) -> Tensor:
 
 def select_channels(x: Tensor, envelope: Tensor, k_chunk: int) -> Tensor:
     return torch.ops.decdec.select_channels(x, envelope, k_chunk)
+
+
+def select_masked(x: Tensor, envelope: Tensor, k_chunk: int) -> Tensor:
+    return torch.ops.decdec.select_masked(x, envelope, k_chunk)
 
 
 def dequantize(qweight: Tensor, meta: Tensor, fmt: int, bits: int, group_size: int, out_features: int,
