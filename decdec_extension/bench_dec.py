@@ -6,7 +6,9 @@ memory bandwidth / PCIe bandwidth, both measured in the same run.
 
 Timings: median CUDA-graph replay of one graph over weight copies larger than twice the L2 cache,
 per call. Batch 1. Writes JSON (--out) and prints a table. --given-channels passes the selection
-precomputed (the path of the static/random modes), which isolates the cost of selecting on the GPU.
+precomputed (the path of the static/random modes), which isolates the cost of selecting on the GPU;
+--residual-on-gpu reads the residual rows from device memory instead of pinned host memory, which
+isolates the cost of the PCIe round trip (a diagnosis: DecDEC keeps them on the host).
 
     python decdec_extension/bench_dec.py --out runs/bench_dec.json
 """
@@ -30,7 +32,8 @@ K_CHUNKS = [0, 1, 2, 4, 8, 16, 32, 64]
 SLOWDOWN = 1.025
 
 
-def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_channels: bool = False) -> dict:
+def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_channels: bool = False,
+          residual_on_gpu: bool = False) -> dict:
     device = torch.device("cuda")
     l2 = l2_cache_bytes(device)
     mem_bw, pcie_bw = memory_bandwidth(device), pcie_bandwidth(device)
@@ -43,6 +46,7 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_c
         stride = -(-(n // 2) // 16) * 16
         host = ops.alloc_pinned(k * stride)
         host.view(torch.int32).random_()  # any nibble pattern is a valid residual
+        residual = host.to(device) if residual_on_gpu else host
         scales = (torch.rand(n, device=device) * 1e-3).half()
         mailbox = ops.new_mailbox(1, n, device)
         w0 = random_gpu_weight(fmt, bits, k, n, device)
@@ -55,7 +59,7 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_c
                 channels = ops.select_channels(x, envelope, kc) if given_channels else None
                 calls = [lambda w=w, kc=kc, c=channels: ops.gemv_dec(x, w.qweight, w.meta, None, w.fmt, w.bits,
                                                                      w.group_size, n, k, envelope, c, kc,
-                                                                     host.data_ptr(), stride, scales, n_tb, mailbox)
+                                                                     residual.data_ptr(), stride, scales, n_tb, mailbox)
                          for w in ws]
                 times.append(time_rotated(calls, device, repeats) * 1e6)
             row["dec_us"][str(n_tb)] = times
@@ -71,12 +75,12 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_c
         if 0 in k_chunks:
             row["k0_cost_us"] = best[k_chunks.index(0)] - row["base_us"]
         rows.append(row)
-        del ws, host
+        del ws, host, residual
         torch.cuda.empty_cache()
     return {"device": device_name(device), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mem_TBps": mem_bw / 1e12,
             "pcie_GBps": pcie_bw / 1e9, "R_bw": r_bw, "n_tb": n_tbs, "k_chunk": k_chunks,
-            "given_channels": given_channels, "rows": rows}
+            "given_channels": given_channels, "residual_on_gpu": residual_on_gpu, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -84,7 +88,8 @@ def table(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; batch 1, CUDA graph replay; device memory "
              f"{result['mem_TBps']:.2f} TB/s, pinned memcpy {result['pcie_GBps']:.1f} GB/s, R_bw {result['R_bw']:.1f}",
              "us per call, best n_tb of " + str(result["n_tb"]) +
-             (", selection precomputed (--given-channels)" if result.get("given_channels") else ""),
+             (", selection precomputed (--given-channels)" if result.get("given_channels") else "") +
+             (", residual rows in device memory (--residual-on-gpu)" if result.get("residual_on_gpu") else ""),
              "| linear | fmt | base | " + " | ".join(f"k={k}" for k in ks) +
              " | fixed cost (k=1) | max fetch GB/s | knee measured / analytic |",
              "|---" * (len(ks) + 6) + "|"]
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed graph replays per measurement")
     parser.add_argument("--given-channels", action="store_true",
                         help="pass the selection precomputed instead of selecting in the kernel")
+    parser.add_argument("--residual-on-gpu", action="store_true",
+                        help="read the residual rows from device memory (isolates the PCIe round trip)")
     parser.add_argument("--out", type=Path, default=Path("bench_dec.json"), help="JSON output path")
     args = parser.parse_args(argv)
     try:
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--formats: choose from {sorted(names)}")
     if not ops.available():
         sys.exit("needs a CUDA device and the compiled extension decdec._C")
-    result = bench([names[f] for f in fmts], n_tbs, k_chunks, args.repeats, args.given_channels)
+    result = bench([names[f] for f in fmts], n_tbs, k_chunks, args.repeats, args.given_channels, args.residual_on_gpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))

@@ -258,6 +258,8 @@ def _launch(state: GPUState, group, x: Tensor) -> Tensor:
             state.residual_weight = residual_as_weight(r, w.out_features, x.device)
         if group.mode == "decdec" and group.chunk_size == CHUNK_SIZE:  # selection and [x | m] in one kernel
             inputs = ops.select_masked(x2, group.envelope, group.k_chunk)
+        elif group.mode == "full":  # every channel: m = x
+            inputs = torch.cat([x2, x2], dim=1)
         else:
             inputs = masked_inputs(x2, group.select(x).reshape(tokens, -1))
         return _compensated_product(w, state.residual_weight, inputs, bias).view(*lead, w.out_features)
