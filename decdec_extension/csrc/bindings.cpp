@@ -199,32 +199,31 @@ Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, cons
   return out;
 }
 
-Tensor select_channels(const Tensor& x, const Tensor& envelope, int64_t k_chunk) {
-  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+// The checks of both selection ops; returns the number of channels each token selects.
+int64_t check_selection_args(const Tensor& x, const Tensor& envelope, int64_t k_chunk) {
   TORCH_CHECK(x.dim() == 2, "decdec: x must be [tokens, d_in], got ", S(x.sizes()));
   TORCH_CHECK(x.is_contiguous(), "decdec: x must be contiguous");
-  const int dt = dtype_code(x);
-  const int64_t K = x.size(1);
-  check_envelope(envelope, x, K);
-  const int64_t k_total = total_selected(K, k_chunk);
+  dtype_code(x);
+  check_envelope(envelope, x, x.size(1));
+  return total_selected(x.size(1), k_chunk);
+}
+
+Tensor select_channels(const Tensor& x, const Tensor& envelope, int64_t k_chunk) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const int64_t k_total = check_selection_args(x, envelope, k_chunk);
   Tensor out = at::empty({x.size(0), k_total}, x.options().dtype(at::kLong));
-  const cudaError_t err = decdec::launch_select(x.data_ptr(), dt, int(x.size(0)), int(K), envelope.data_ptr<float>(),
-                                                int(k_chunk), int(k_total), out.data_ptr<int64_t>(),
-                                                at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = decdec::launch_select(x.data_ptr(), dtype_code(x), int(x.size(0)), int(x.size(1)),
+                                                envelope.data_ptr<float>(), int(k_chunk), int(k_total),
+                                                out.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "decdec: selection launch failed: ", cudaGetErrorString(err));
   return out;
 }
 
 Tensor select_masked(const Tensor& x, const Tensor& envelope, int64_t k_chunk) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
-  TORCH_CHECK(x.dim() == 2, "decdec: x must be [tokens, d_in], got ", S(x.sizes()));
-  TORCH_CHECK(x.is_contiguous(), "decdec: x must be contiguous");
-  const int dt = dtype_code(x);
-  const int64_t K = x.size(1);
-  check_envelope(envelope, x, K);
-  const int64_t k_total = total_selected(K, k_chunk);
-  Tensor out = at::empty({x.size(0), 2 * K}, x.options());
-  const cudaError_t err = decdec::launch_select_masked(x.data_ptr(), dt, int(x.size(0)), int(K),
+  const int64_t k_total = check_selection_args(x, envelope, k_chunk);
+  Tensor out = at::empty({x.size(0), 2 * x.size(1)}, x.options());
+  const cudaError_t err = decdec::launch_select_masked(x.data_ptr(), dtype_code(x), int(x.size(0)), int(x.size(1)),
                                                        envelope.data_ptr<float>(), int(k_chunk), int(k_total),
                                                        out.data_ptr(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "decdec: masked selection launch failed: ", cudaGetErrorString(err));
