@@ -60,6 +60,25 @@ def test_reference_path_matches_batched(ppl, stories3, data_dir):
     assert fast["ppl"] == pytest.approx(ref["ppl"], rel=5e-3)
 
 
+def test_repeats_take_turns_and_give_the_cost(ppl, stories3, data_dir, monkeypatch):
+    """With --repeats the settings alternate pass by pass (a drifting machine slows them alike),
+    and each record carries its median time relative to the plain model's."""
+    order = []
+    real = ppl.perplexity
+
+    def recording(*args, desc="", **kwargs):
+        order.append(desc)
+        return real(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(ppl, "perplexity", recording)
+    records = ppl.main(["--model-dir", str(stories3), "--data-dir", str(data_dir), "--seqlen", "64",
+                        "--limit-windows", "1", "--mode", "none", "decdec", "--k-chunk", "128", "--repeats", "2"])
+    assert [d.split(" (")[0] for d in order] == ["wikitext2 none k=0", "wikitext2 decdec k=128"] * 2
+    none, decdec = records
+    assert none["cost_vs_none"] == 1.0
+    assert decdec["cost_vs_none"] == pytest.approx(decdec["seconds"] / none["seconds"])
+
+
 def test_batched_windows_equal_one_at_a_time(ppl, stories3, data_dir):
     """Several windows per forward pass score the same tokens to the same perplexity, the last
     batch being partial (5 windows in batches of 2)."""
