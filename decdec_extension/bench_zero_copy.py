@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 from decdec import ops
-from decdec.timing import device_name, pcie_bandwidth
+from decdec.timing import device_name, pcie_bandwidth, time_call
 
 CUDA_SRC = r"""
 #include <torch/extension.h>
@@ -85,20 +84,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def timed(fn, calls: int, repeats: int) -> float:
-    """Median seconds per call over ``repeats`` timings of ``calls`` back-to-back calls."""
-    fn(0)
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(calls):
-            fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        per_call.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(per_call)
+def timed(fn, calls: int, repeats: int, device: torch.device) -> float:
+    """Median seconds per call of ``fn(i)`` over ``repeats`` timings of ``calls`` back-to-back calls."""
+    return time_call(lambda: [fn(i) for i in range(calls)], device, cuda_graph=False, repeats=repeats) / calls
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings += [(max(args.in_flight), b, False) for b in args.blocks]  # the same rows every call
         for in_flight, blocks, fresh in settings:
             t = timed(lambda i: ext.gather(host.data_ptr(), sets[i % sets.shape[0] if fresh else 0], row_bytes,
-                                           blocks, in_flight, sink), args.calls, args.repeats)
+                                           blocks, in_flight, sink), args.calls, args.repeats, dev)
             records.append({"row_bytes": row_bytes, "rows_per_call": args.rows_per_call, "blocks": blocks,
                             "in_flight": in_flight, "fresh_rows": fresh, "us_per_call": t * 1e6,
                             "GBps": nbytes / t / 1e9, "memcpy_GBps": memcpy / 1e9, "share_of_memcpy": nbytes / t / memcpy})

@@ -8,11 +8,8 @@ e.g. "9.0" (default: the local GPU's); ``DECDEC_NO_CUDA=1`` skips the CUDA exten
 ``DECDEC_NO_CPU_KERNELS=1`` the CPU one.
 """
 import os
-from pathlib import Path
 
 from setuptools import find_packages, setup
-
-HERE = Path(__file__).parent
 
 
 CPU_SOURCES = ["csrc/cpu_selection.cpp"]

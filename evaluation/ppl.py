@@ -118,17 +118,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                          batch_size=args.batch_size)
                 passes[mode, k_chunk].append((time.perf_counter() - wall, time.process_time() - cpu, ppl, tokens))
                 print(f"{desc}: ppl {ppl:.4f} over {tokens} tokens ({passes[mode, k_chunk][-1][0]:.1f} s)", flush=True)
-        plain = sorted(passes[NONE])[len(passes[NONE]) // 2][0] if NONE in passes else None
+        median = {run: sorted(timed)[len(timed) // 2] for run, timed in passes.items()}  # the median pass
+        plain = median[NONE][0] if NONE in median else None
         for mode, k_chunk in runs:
-            timed = passes[mode, k_chunk]
-            seconds, cpu_seconds, ppl, tokens = sorted(timed)[len(timed) // 2]  # the median pass
+            seconds, cpu_seconds, ppl, tokens = median[mode, k_chunk]
             record = {**loaded.info, "dataset": dataset, "mode": mode, "k_chunk": k_chunk, "ppl": ppl,
                       "tokens": tokens, "seqlen": args.seqlen, "batch_size": args.batch_size,
                       "windows": tokens // (args.seqlen - 1), "total_windows": ids.shape[1] // args.seqlen,
                       "seconds": seconds, "cpu_seconds": cpu_seconds, "compensation": "decode-equivalent",
                       **run_fields(args)}
             if args.repeats > 1:
-                record["seconds_per_pass"] = [p[0] for p in timed]
+                record["seconds_per_pass"] = [p[0] for p in passes[mode, k_chunk]]
             if plain is not None:
                 record["cost_vs_none"] = seconds / plain  # the cost of compensating, same run
             if args.report_recall and mode in K_MODES and k_chunk:

@@ -293,6 +293,13 @@ __device__ __forceinline__ uint32_t mask_ge(const uint32_t* xa, uint32_t edge) {
   return (m[0] | m[1]) | (m[2] | m[3]);
 }
 
+// Channels chunk `chunk` of a K-channel input takes: k_chunk, or floor(k_chunk * L / 1024) for a last
+// partial chunk of length L.
+__device__ __forceinline__ int chunk_quota(int K, int chunk, int k_chunk) {
+  const int len = min(kChunk, K - chunk * kChunk);
+  return len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
+}
+
 // One warp selects the quota of one chunk of one token from |x| (load_chunk_abs): DESIGN.md's
 // rule, from counts only. The threshold bucket tb is the smallest b with count(bucket <= b) >=
 // quota (b = 32, which holds NaN, always qualifies); every channel of a bucket < tb is taken, then
@@ -339,8 +346,7 @@ __device__ uint32_t take_mask(const uint32_t* xa, int K, int chunk, int quota, u
 // The chunk's quota of channels, ascending, at out[0 ...] (the whole warp calls it).
 template <int DT>
 __device__ void select_chunk(const uint32_t* xa, int K, int chunk, int k_chunk, uint32_t edge, int* out, int lane) {
-  const int len = min(kChunk, K - chunk * kChunk);
-  const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
+  const int quota = chunk_quota(K, chunk, k_chunk);
   if (quota == 0) return;
   int pos;
   uint32_t take = take_mask<DT>(xa, K, chunk, quota, edge, lane, &pos);
@@ -814,9 +820,7 @@ __global__ void select_kernel(const typename Act<DT>::T* x, int K, const float* 
   uint32_t xa[16];
   load_chunk_abs<DT>(x + size_t(token) * K, K, chunk, lane, xa);
   const uint32_t edge = lane_edge<DT>(env_hi, env_lo, lane);
-  const int c0 = chunk * kChunk;
-  const int len = min(kChunk, K - c0);
-  const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
+  const int quota = chunk_quota(K, chunk, k_chunk);
   select_chunk<DT>(xa, K, chunk, k_chunk, edge, sel, lane);
   __syncwarp();
   for (int i = lane; i < quota; i += 32) out[size_t(token) * k_total + chunk * k_chunk + i] = sel[i];
@@ -833,8 +837,7 @@ __global__ void select_masked_kernel(const typename Act<DT>::T* x, int K, const 
   const T* xrow = x + size_t(token) * K;
   T* xout = out + size_t(token) * 2 * K;
   T* mout = xout + K;
-  const int len = min(kChunk, K - chunk * kChunk);
-  const int quota = len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
+  const int quota = chunk_quota(K, chunk, k_chunk);
   uint32_t take = 0;
   if (quota > 0) {
     const float env_hi = __ldg(envelope), env_lo = __ldg(envelope + k_total - 1);

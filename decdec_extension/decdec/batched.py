@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .linear import DecDECLinear, SelectionGroup
-from .residual import ResidualPack
+from .residual import ResidualPack, dequantize_residual
 from .selection import CHUNK_SIZE, bucket_edges, chunk_quotas, select
 
 # Scores: larger = taken first. |x| is >= 0, so NaN (ranked last by the reference) maps to -1.
@@ -182,8 +182,8 @@ def fast_select(mode: str, x: Tensor, k_chunk: int, envelope: Tensor | None = No
 
 
 def residual_rows(pack: ResidualPack, device: torch.device | str) -> Tensor:
-    """fp32 [in, out]: R_hat by input channel, (nibble - 8) * scale (exact in fp32)."""
-    return pack.nibbles().to(device).float().sub_(8).mul_(pack.scales.to(device).float())
+    """fp32 [in, out]: R_hat by input channel (:func:`decdec.residual.dequantize_residual`, transposed)."""
+    return dequantize_residual(pack).t().contiguous().to(device)
 
 
 def fast_residual_correction(x: Tensor, channels: Tensor, rows: Tensor) -> Tensor:
