@@ -47,8 +47,6 @@ struct Act<kHalf> {
   __device__ static T from_float(float f) { return __float2half_rn(f); }
   // 2^-p in both halves
   __host__ __device__ static constexpr uint32_t pow2_neg(int p) { return uint32_t(15 - p) << 10 | uint32_t(15 - p) << 26; }
-  // f in both halves
-  __device__ static uint32_t pair_of(float f) { return __half_as_ushort(__float2half_rn(f)) * 0x10001u; }
   __device__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -75,7 +73,6 @@ struct Act<kBFloat16> {
   __device__ static T from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
   __device__ static T from_float(float f) { return __float2bfloat16_rn(f); }
   __host__ __device__ static constexpr uint32_t pow2_neg(int p) { return uint32_t(127 - p) << 7 | uint32_t(127 - p) << 23; }
-  __device__ static uint32_t pair_of(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)) * 0x10001u; }
   __device__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -133,10 +130,22 @@ __device__ __forceinline__ constexpr Slot slot_of(int s, int i) {
   return j < 15 ? Slot{3 * (s >> 2) + j / 5, 3 * (j % 5)} : Slot{3 * (s >> 2), -1};
 }
 
-// The 3-bit spare pair at bits 0..2 of each half.
-__device__ __forceinline__ uint32_t spare_pair(const uint4* w, int word) {
-  return ((word_of(w, word) >> 15) & 0x00010001u) | ((word_of(w, word + 1) >> 14) & 0x00020002u) |
-         ((word_of(w, word + 2) >> 13) & 0x00040004u);
+// Any three-input bitwise function in one LOP3, kLut being its truth table on a = 0xf0, b = 0xcc,
+// c = 0xaa. nvcc splits (a & b) | c into two instructions when b and c are both constants.
+template <uint32_t kLut>
+__device__ __forceinline__ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(kLut));
+  return d;
+}
+constexpr uint32_t kAndOr = 0xea;  // (a & b) | c
+constexpr uint32_t kOrXor = 0x56;  // (a | b) ^ c
+
+// The 3-bit spare pair at bits 0..2 of each half, ORed into `into`.
+__device__ __forceinline__ uint32_t spare_pair(const uint4* w, int word, uint32_t into = 0) {
+  uint32_t v = lop3<kAndOr>(word_of(w, word) >> 15, 0x00010001u, into);
+  v = lop3<kAndOr>(word_of(w, word + 1) >> 14, 0x00020002u, v);
+  return lop3<kAndOr>(word_of(w, word + 2) >> 13, 0x00040004u, v);
 }
 
 // Codes of register i at k-step s as two 16-bit integers (LUT indices, dequantization).
@@ -154,25 +163,37 @@ __device__ __forceinline__ uint32_t code_pair(const uint4* w, int s, int i) {
 // are shifted down first, one shift serving kPerShift slots (fp16 3-bit: bits 0, 3, 6, then 9, 12).
 template <int BITS, int DT>
 struct UniformDecoder {
-  static constexpr int kMantissa = DT == kHalf ? 10 : 7;
+  static constexpr int kMantissa = DT == kHalf ? 10 : 7, kExpBias = DT == kHalf ? 15 : 127;
   static constexpr int kPerShift = (kMantissa - BITS) / BITS + 1;
   static constexpr int kSpan = kPerShift * BITS;
+  static constexpr int kM = DT == kHalf ? 1024 : 128;
   static constexpr uint32_t kMagic = Act<DT>::kMagicBase * 0x10001u;
   static constexpr uint32_t kMask = ((1u << BITS) - 1) * 0x10001u;
   uint32_t offset[2][kPerShift];  // -(M 2^-p + z) for p = 0, BITS, ...; rows g and g + 8
 
-  __device__ __forceinline__ void set_zero(int rh, uint32_t z) {
-    constexpr float kM = DT == kHalf ? 1024.f : 128.f;
+  // the small positive integer v (< 2^(kMantissa + 1)) in the activation dtype, as bits
+  __host__ __device__ static constexpr uint32_t int_bits(int v) {
+    int e = 0;
+    while ((v >> (e + 1)) != 0) ++e;
+    return uint32_t(e + kExpBias) << kMantissa | uint32_t(v - (1 << e)) << (kMantissa - e);
+  }
+
+  // meta: a uniform meta word (scale | zero << 16)
+  __device__ __forceinline__ void set_zero(int rh, uint32_t meta) {
+    // z | M is M + z exactly and the sign bit negates it; the other offsets add M - M 2^-p to it,
+    // exactly (all are small integers)
+    offset[rh][0] = lop3<kOrXor>(__byte_perm(meta, 0, 0x3232), kMagic, 0x80008000u);
 #pragma unroll
-    for (int k = 0; k < kPerShift; ++k) offset[rh][k] = Act<DT>::pair_of(-(kM / float(1 << (k * BITS))) - float(z));
+    for (int k = 1; k < kPerShift; ++k)
+      offset[rh][k] = Act<DT>::fma2(offset[rh][0], Act<DT>::pow2_neg(0), int_bits(kM - (kM >> (k * BITS))) * 0x10001u);
   }
 
   __device__ __forceinline__ uint32_t pair(const uint4* w, int s, int i) const {
     const Slot at = slot_of<BITS>(s, i);
     const int base = at.bit < 0 ? 0 : at.bit / kSpan * kSpan;
     const int p = at.bit < 0 ? 0 : at.bit - base;
-    const uint32_t v = at.bit < 0 ? spare_pair(w, at.word) | kMagic
-                                  : ((word_of(w, at.word) >> base) & (kMask << p)) | kMagic;
+    const uint32_t v = at.bit < 0 ? spare_pair(w, at.word, kMagic)
+                                  : lop3<kAndOr>(word_of(w, at.word) >> base, kMask << p, kMagic);
     return Act<DT>::fma2(v, Act<DT>::pow2_neg(p), offset[i & 1][p / BITS]);
   }
 };
@@ -599,20 +620,21 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
       __syncthreads();
     }
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (; kt < KT; kt += kWarps) {
+    // k-tile kt from (cw, cm), prefetching the warp's next tile into (nw, nm)
+    auto tile_step = [&](int kt, const uint4* cw, const uint32_t* cm, uint4* nw, uint32_t* nm) {
       const int nrt = kt + kWarps < KT ? rt : rt + nblk;
       const int nkt = kt + kWarps < KT ? kt + kWarps : warp;
-      if (nrt < NT && nkt < KT) load(nrt, nkt, wn, mn);  // prefetch the warp's next tile
+      if (nrt < NT && nkt < KT) load(nrt, nkt, nw, nm);  // prefetch the warp's next tile
       const int kbase = kt * kTileK;
       const uint32_t* xk = xsrow + (kbase >> 1);
       if constexpr (FMT == kUniform && GS == 128) {
         // padding past K has code 0 and x 0 (staged): it adds exact zeros, no checks needed
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const uint32_t c0 = m[2 * half], c1 = m[2 * half + 1];
+          const uint32_t c0 = cm[2 * half], c1 = cm[2 * half + 1];
           UniformDecoder<BITS, DT> dec;
-          dec.set_zero(0, c0 >> 16);
-          dec.set_zero(1, c1 >> 16);
+          dec.set_zero(0, c0);
+          dec.set_zero(1, c1);
           float tmp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
           for (int s = 8 * half; s < 8 * half + 8; ++s) {
@@ -620,7 +642,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
             const uint32_t bf[2] = {xb.x, xb.y};
             uint32_t a[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = dec.pair(w, s, i);
+            for (int i = 0; i < 4; ++i) a[i] = dec.pair(cw, s, i);
             A::mma(tmp, a, bf);
           }
           const float s0 = __half2float(__ushort_as_half(uint16_t(c0 & 0xffffu)));
@@ -634,10 +656,10 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
         const int g0 = kbase / p.group_size;
         int grp = g0;
         int rem = kbase - g0 * p.group_size;
-        uint32_t c0 = m[0], c1 = m[1];
+        uint32_t c0 = cm[0], c1 = cm[1];
         UniformDecoder<BITS, DT> dec;
-        dec.set_zero(0, c0 >> 16);
-        dec.set_zero(1, c1 >> 16);
+        dec.set_zero(0, c0);
+        dec.set_zero(1, c1);
         float tmp[4] = {0.f, 0.f, 0.f, 0.f};
         auto flush = [&]() {
           const float s0 = __half2float(__ushort_as_half(uint16_t(c0 & 0xffffu)));
@@ -655,20 +677,20 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
             flush();
             ++grp;
             if (grp == g0 + 1) {
-              c0 = m[2];
-              c1 = m[3];
+              c0 = cm[2];
+              c1 = cm[3];
             } else {
               c0 = __ldg(meta + size_t(grp) * Npad + row0);
               c1 = __ldg(meta + size_t(grp) * Npad + row0 + 8);
             }
-            dec.set_zero(0, c0 >> 16);
-            dec.set_zero(1, c1 >> 16);
+            dec.set_zero(0, c0);
+            dec.set_zero(1, c1);
           }
           const uint2 xb = *reinterpret_cast<const uint2*>(xk + 8 * s);
           const uint32_t bf[2] = {xb.x, xb.y};
           uint32_t a[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = dec.pair(w, s, i);
+          for (int i = 0; i < 4; ++i) a[i] = dec.pair(cw, s, i);
           A::mma(tmp, a, bf);
           rem += 16;
           if (rem == p.group_size) rem = 0;
@@ -683,7 +705,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
           uint32_t a[4], alo[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const uint32_t pair = code_pair<BITS>(w, s, i);
+            const uint32_t pair = code_pair<BITS>(cw, s, i);
             const uint32_t* ti = tl + (i & 1) * Q * 32;
             const uint32_t e0 = ti[(pair & 0xffffu) * 32];
             const uint32_t e1 = ti[(pair >> 16) * 32];
@@ -694,10 +716,29 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
           if constexpr (DT == kBFloat16) A::mma(acc, alo, bf);
         }
       }
+    };
+    auto take_prefetched = [&]() {
 #pragma unroll
       for (int j = 0; j < J; ++j) w[j] = wn[j];
 #pragma unroll
       for (int j = 0; j < 4; ++j) m[j] = mn[j];
+    };
+    if constexpr (FMT == kUniform && GS == 0) {
+      // the generic group path keeps one buffer: two copies of its body would spill
+      for (; kt < KT; kt += kWarps) {
+        tile_step(kt, w, m, wn, mn);
+        take_prefetched();
+      }
+    } else {
+      // two k-tiles per pass, the buffers swapping roles instead of being copied
+      for (; kt < KT; kt += 2 * kWarps) {
+        tile_step(kt, w, m, wn, mn);
+        if (kt + kWarps >= KT) {  // an odd count: one copy per row tile
+          take_prefetched();
+          break;
+        }
+        tile_step(kt + kWarps, wn, mn, w, m);
+      }
     }
 
     // fixed-order reduction over the warps; C fragment: rows g, g + 8, token columns 2t, 2t + 1
