@@ -518,6 +518,22 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
 // distinct banks within each half-warp.
 constexpr int kXPad = 16;
 
+// LUT tables in shared memory, one column per lane (no bank conflicts), for rows g and g + 8 of the
+// row tile. 3 bits: one entry per pair of codes, holding the A register itself, so a register costs
+// one shared load (bf16: a second table holds the lo parts); 4 bits (256 pairs would not fit): one
+// per code.
+__host__ __device__ constexpr int lut_table_bytes(int fmt, int bits, int dtype) {
+  return fmt != kLUT ? 0 : bits == 3 ? 2 * 64 * 32 * (dtype == kHalf ? 4 : 8) : 2 * 16 * 32 * 4;
+}
+
+// Byte offset in a 3-bit pair table of the codes q0, q1 at bits p and p + 16 of v: entry q0 + 8 q1
+// of 32 lanes' words, in the column at lane_off (lane * 4).
+__device__ __forceinline__ uint32_t pair_table_offset(uint32_t v, int p, uint32_t lane_off) {
+  const uint32_t q0 = p <= 7 ? v << (7 - p) : v >> (p - 7);
+  const uint32_t q1 = lop3<kAndOr>(v >> (p + 6), 7u << 10, lane_off);
+  return lop3<kAndOr>(q0, 7u << 7, q1);
+}
+
 // Shared-memory bytes of the staged x of B tokens (the host splits larger batches).
 __host__ __device__ inline int x_stage_bytes(int B, int K) { return B * (div_up(K, kTileK) * kTileK + kXPad) * 2; }
 
@@ -536,8 +552,9 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   const int Npad = NT * kTileRows;
   const int xstride = KT * kTileK + kXPad;  // halves per staged row
   float* red = reinterpret_cast<float*>(smem);                      // [kWarps][16][8]
-  uint32_t* tab = reinterpret_cast<uint32_t*>(red + kWarps * 128);  // LUT: [2][Q][32]
-  uint16_t* xs = reinterpret_cast<uint16_t*>(tab + 2 * 16 * 32);    // [B][xstride]
+  uint32_t* tab = reinterpret_cast<uint32_t*>(red + kWarps * 128);  // LUT tables (lut_table_bytes)
+  uint16_t* xs = reinterpret_cast<uint16_t*>(reinterpret_cast<unsigned char*>(tab) +
+                                             lut_table_bytes(FMT, BITS, DT));  // [B][xstride]
   const uint16_t* xg = reinterpret_cast<const uint16_t*>(p.x);
   // lanes of token columns >= B read token 0: those columns of C are never used
   const uint32_t* xsrow = reinterpret_cast<const uint32_t*>(xs + (g < p.B ? g : 0) * xstride) + 2 * t;
@@ -613,9 +630,19 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     if (DEC && pending_row >= 0) pending_word = load_relaxed(mailbox + pending_row);
     if constexpr (FMT == kLUT) {
       const __half* lut = reinterpret_cast<const __half*>(p.meta) + size_t(rt) * kTileRows * Q;
-      for (int i = threadIdx.x; i < 2 * Q * 32; i += kThreads) {
-        const int l = i & 31, q = (i >> 5) % Q, half_sel = (i >> 5) / Q;
-        tab[i] = A::lut_entry(lut[((l >> 2) + 8 * half_sel) * Q + q]);
+      if constexpr (BITS == 3) {
+        // entry (rh, q0 + 8 q1, l): values q0 and q1 of row (l >> 2) + 8 rh as an A register
+        for (int i = threadIdx.x; i < 2 * 64 * 32; i += kThreads) {
+          const __half* row_lut = lut + ((i & 31) / 4 + 8 * (i >> 11)) * Q;
+          const uint32_t e0 = A::lut_entry(row_lut[(i >> 5) & 7]), e1 = A::lut_entry(row_lut[(i >> 8) & 7]);
+          tab[i] = __byte_perm(e0, e1, 0x5410);
+          if constexpr (DT == kBFloat16) tab[i + 2 * 64 * 32] = __byte_perm(e0, e1, 0x7632);
+        }
+      } else {
+        for (int i = threadIdx.x; i < 2 * Q * 32; i += kThreads) {
+          const int l = i & 31, q = (i >> 5) % Q, half_sel = (i >> 5) / Q;
+          tab[i] = A::lut_entry(lut[((l >> 2) + 8 * half_sel) * Q + q]);
+        }
       }
       __syncthreads();
     }
@@ -696,6 +723,27 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
           if (rem == p.group_size) rem = 0;
         }
         flush();
+      } else if constexpr (BITS == 3) {
+        constexpr uint32_t kRows = 64 * 32 * 4;  // bytes of the entries of rows g (the next: g + 8)
+        const unsigned char* tb = reinterpret_cast<const unsigned char*>(tab);
+        const uint32_t lane_off = uint32_t(lane) * 4;
+#pragma unroll
+        for (int s = 0; s < kKSteps; ++s) {
+          const uint2 xb = *reinterpret_cast<const uint2*>(xk + 8 * s);
+          const uint32_t bf[2] = {xb.x, xb.y};
+          uint32_t a[4], alo[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const Slot at = slot_of<BITS>(s, i);
+            const uint32_t off = (i & 1) * kRows + (at.bit < 0
+                                                        ? pair_table_offset(spare_pair(cw, at.word), 0, lane_off)
+                                                        : pair_table_offset(word_of(cw, at.word), at.bit, lane_off));
+            a[i] = *reinterpret_cast<const uint32_t*>(tb + off);
+            if constexpr (DT == kBFloat16) alo[i] = *reinterpret_cast<const uint32_t*>(tb + 2 * kRows + off);
+          }
+          A::mma(acc, a, bf);
+          if constexpr (DT == kBFloat16) A::mma(acc, alo, bf);
+        }
       } else {
         const uint32_t* tl = tab + lane;
 #pragma unroll
@@ -919,7 +967,7 @@ int k_tiles(int K) { return div_up(K, kTileK); }
 int tile_words(int bits) { return bits == 4 ? 16 : 12; }
 
 size_t gemv_smem_bytes(const GemvParams& p) {
-  const size_t gemv = kWarps * 128 * sizeof(float) + 2 * 16 * 32 * sizeof(uint32_t) + x_stage_bytes(p.B, p.K);
+  const size_t gemv = kWarps * 128 * sizeof(float) + lut_table_bytes(p.fmt, p.bits, p.dtype) + x_stage_bytes(p.B, p.K);
   if (p.n_tb == 0) return gemv;
   // partial sums, the scales of a pass, the selection list
   const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + kThreads * 32 * sizeof(__half) +
