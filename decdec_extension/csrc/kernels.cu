@@ -723,8 +723,9 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
           if (rem == p.group_size) rem = 0;
         }
         flush();
-      } else if constexpr (BITS == 3) {
-        constexpr uint32_t kRows = 64 * 32 * 4;  // bytes of the entries of rows g (the next: g + 8)
+      } else {
+        // LUT, 3 bits: one shared load per register from the pair tables; 4 bits: one per code
+        constexpr uint32_t kRows = 64 * 32 * 4;  // bytes of the pair entries of rows g (the next: g + 8)
         const unsigned char* tb = reinterpret_cast<const unsigned char*>(tab);
         const uint32_t lane_off = uint32_t(lane) * 4;
 #pragma unroll
@@ -734,31 +735,21 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
           uint32_t a[4], alo[4];
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const Slot at = slot_of<BITS>(s, i);
-            const uint32_t off = (i & 1) * kRows + (at.bit < 0
-                                                        ? pair_table_offset(spare_pair(cw, at.word), 0, lane_off)
-                                                        : pair_table_offset(word_of(cw, at.word), at.bit, lane_off));
-            a[i] = *reinterpret_cast<const uint32_t*>(tb + off);
-            if constexpr (DT == kBFloat16) alo[i] = *reinterpret_cast<const uint32_t*>(tb + 2 * kRows + off);
-          }
-          A::mma(acc, a, bf);
-          if constexpr (DT == kBFloat16) A::mma(acc, alo, bf);
-        }
-      } else {
-        const uint32_t* tl = tab + lane;
-#pragma unroll
-        for (int s = 0; s < kKSteps; ++s) {
-          const uint2 xb = *reinterpret_cast<const uint2*>(xk + 8 * s);
-          const uint32_t bf[2] = {xb.x, xb.y};
-          uint32_t a[4], alo[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const uint32_t pair = code_pair<BITS>(cw, s, i);
-            const uint32_t* ti = tl + (i & 1) * Q * 32;
-            const uint32_t e0 = ti[(pair & 0xffffu) * 32];
-            const uint32_t e1 = ti[(pair >> 16) * 32];
-            a[i] = __byte_perm(e0, e1, 0x5410);
-            if constexpr (DT == kBFloat16) alo[i] = __byte_perm(e0, e1, 0x7632);
+            if constexpr (BITS == 3) {
+              const Slot at = slot_of<BITS>(s, i);
+              const uint32_t off = (i & 1) * kRows + (at.bit < 0
+                                                          ? pair_table_offset(spare_pair(cw, at.word), 0, lane_off)
+                                                          : pair_table_offset(word_of(cw, at.word), at.bit, lane_off));
+              a[i] = *reinterpret_cast<const uint32_t*>(tb + off);
+              if constexpr (DT == kBFloat16) alo[i] = *reinterpret_cast<const uint32_t*>(tb + 2 * kRows + off);
+            } else {
+              const uint32_t pair = code_pair<BITS>(cw, s, i);
+              const uint32_t* ti = tab + lane + (i & 1) * Q * 32;
+              const uint32_t e0 = ti[(pair & 0xffffu) * 32];
+              const uint32_t e1 = ti[(pair >> 16) * 32];
+              a[i] = __byte_perm(e0, e1, 0x5410);
+              if constexpr (DT == kBFloat16) alo[i] = __byte_perm(e0, e1, 0x7632);
+            }
           }
           A::mma(acc, a, bf);
           if constexpr (DT == kBFloat16) A::mma(acc, alo, bf);
