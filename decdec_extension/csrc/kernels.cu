@@ -522,8 +522,11 @@ constexpr int kXPad = 16;
 // row tile. 3 bits: one entry per pair of codes, holding the A register itself, so a register costs
 // one shared load (bf16: a second table holds the lo parts); 4 bits (256 pairs would not fit): one
 // per code.
+constexpr int kPairWords = 64 * 32;  // words of a 3-bit pair table for one row half (rows g or g + 8)
+static_assert(kPairWords == 1 << 11, "the table build takes the row half as i >> 11");
+
 __host__ __device__ constexpr int lut_table_bytes(int fmt, int bits, int dtype) {
-  return fmt != kLUT ? 0 : bits == 3 ? 2 * 64 * 32 * (dtype == kHalf ? 4 : 8) : 2 * 16 * 32 * 4;
+  return fmt != kLUT ? 0 : bits == 3 ? 2 * kPairWords * 4 * (dtype == kHalf ? 1 : 2) : 2 * 16 * 32 * 4;
 }
 
 // Byte offset in a 3-bit pair table of the codes q0, q1 at bits p and p + 16 of v: entry q0 + 8 q1
@@ -632,11 +635,11 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
       const __half* lut = reinterpret_cast<const __half*>(p.meta) + size_t(rt) * kTileRows * Q;
       if constexpr (BITS == 3) {
         // entry (rh, q0 + 8 q1, l): values q0 and q1 of row (l >> 2) + 8 rh as an A register
-        for (int i = threadIdx.x; i < 2 * 64 * 32; i += kThreads) {
-          const __half* row_lut = lut + ((i & 31) / 4 + 8 * (i >> 11)) * Q;
+        for (int i = threadIdx.x; i < 2 * kPairWords; i += kThreads) {
+          const __half* row_lut = lut + ((i & 31) / 4 + 8 * (i >> 11)) * Q;  // i >> 11: the row half
           const uint32_t e0 = A::lut_entry(row_lut[(i >> 5) & 7]), e1 = A::lut_entry(row_lut[(i >> 8) & 7]);
           tab[i] = __byte_perm(e0, e1, 0x5410);
-          if constexpr (DT == kBFloat16) tab[i + 2 * 64 * 32] = __byte_perm(e0, e1, 0x7632);
+          if constexpr (DT == kBFloat16) tab[i + 2 * kPairWords] = __byte_perm(e0, e1, 0x7632);
         }
       } else {
         for (int i = threadIdx.x; i < 2 * Q * 32; i += kThreads) {
@@ -725,7 +728,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
         flush();
       } else {
         // LUT, 3 bits: one shared load per register from the pair tables; 4 bits: one per code
-        constexpr uint32_t kRows = 64 * 32 * 4;  // bytes of the pair entries of rows g (the next: g + 8)
+        constexpr uint32_t kRows = kPairWords * 4;  // bytes of the pair entries of rows g (the next: g + 8)
         const unsigned char* tb = reinterpret_cast<const unsigned char*>(tab);
         const uint32_t lane_off = uint32_t(lane) * 4;
 #pragma unroll
