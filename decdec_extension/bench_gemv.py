@@ -4,7 +4,9 @@ Llama-3-8B and -70B shapes, batch 1; plus prefill (2048 tokens: dequantize + cuB
 
 Each timing is the median of CUDA-graph replays of one graph that calls the kernel on several
 weight copies in turn (together larger than twice the L2 cache), divided by the number of calls.
-Writes JSON (--out) and prints a table.
+--hold-sms N times every kernel a second time with N SMs held by another kernel (as a kernel
+running beside the GEMV would hold them) and reports the slowdown. Writes JSON (--out) and prints
+a table.
 
     python decdec_extension/bench_gemv.py --out runs/bench_gemv.json
 """
@@ -54,9 +56,20 @@ def copies_for(nbytes: int, l2: int) -> int:
     return max(2, math.ceil(2 * l2 / nbytes))
 
 
-def time_rotated(calls: list, device: torch.device, repeats: int) -> float:
-    """Seconds per call: one graph runs every call in ``calls`` (distinct weight copies)."""
-    return time_call(lambda: [c() for c in calls], device, repeats=repeats) / len(calls)
+def time_rotated(calls: list, device: torch.device, repeats: int, hold_sms: int = 0) -> float:
+    """Seconds per call: one graph runs every call in ``calls`` (distinct weight copies), with
+    ``hold_sms`` SMs held by another kernel."""
+    return time_call(lambda: [c() for c in calls], device, repeats=repeats, hold_sms=hold_sms) / len(calls)
+
+
+def timed_entry(calls: list, nbytes: int, device: torch.device, repeats: int, hold_sms: int) -> dict:
+    """us and effective TB/s of ``calls``; with ``hold_sms``, also us with those SMs held."""
+    t = time_rotated(calls, device, repeats)
+    entry = {"us": t * 1e6, "TBps": nbytes / t / 1e12}
+    if hold_sms:
+        held = time_rotated(calls, device, repeats, hold_sms)
+        entry.update(us_held=held * 1e6, held_slowdown=held / t - 1)
+    return entry
 
 
 def int4_calls(k: int, n: int, x: torch.Tensor, copies: int) -> tuple[list, int] | None:
@@ -76,7 +89,7 @@ def int4_calls(k: int, n: int, x: torch.Tensor, copies: int) -> tuple[list, int]
         return None
 
 
-def bench(shapes: list[tuple[str, str, int, int]], repeats: int, prefill_tokens: int) -> dict:
+def bench(shapes: list[tuple[str, str, int, int]], repeats: int, prefill_tokens: int, hold_sms: int = 0) -> dict:
     device = torch.device("cuda")
     l2 = l2_cache_bytes(device)
     rows = []
@@ -85,8 +98,7 @@ def bench(shapes: list[tuple[str, str, int, int]], repeats: int, prefill_tokens:
         row = {"model": model, "linear": name, "in": k, "out": n}
         fp16_bytes = n * k * 2
         ws = [torch.randn(n, k, device=device).half() for _ in range(copies_for(fp16_bytes, l2))]
-        t = time_rotated([lambda w=w: F.linear(x, w) for w in ws], device, repeats)
-        row["fp16_cublas"] = {"us": t * 1e6, "TBps": fp16_bytes / t / 1e12}
+        row["fp16_cublas"] = timed_entry([lambda w=w: F.linear(x, w) for w in ws], fp16_bytes, device, repeats, hold_sms)
         if prefill_tokens and model == "8b":
             xp = torch.randn(prefill_tokens, k, device=device).half()
             t16 = time_call(lambda: F.linear(xp, ws[0]), device, repeats=repeats)
@@ -98,20 +110,19 @@ def bench(shapes: list[tuple[str, str, int, int]], repeats: int, prefill_tokens:
         int4 = int4_calls(k, n, x, copies_for(n * k // 2, l2))
         if int4 is not None:
             calls, nbytes = int4
-            t = time_rotated(calls, device, repeats)
-            row["torch_int4"] = {"us": t * 1e6, "TBps": nbytes / t / 1e12}
+            row["torch_int4"] = timed_entry(calls, nbytes, device, repeats, hold_sms)
             del calls
         for fmt, bits in VARIANTS:
             w0 = random_gpu_weight(fmt, bits, k, n, device)
             ws = [w0] + [random_gpu_weight(fmt, bits, k, n, device) for _ in range(copies_for(weight_bytes(w0), l2) - 1)]
-            t = time_rotated([lambda w=w: w.gemv(x, None) for w in ws], device, repeats)
-            row[f"{fmt}{bits}"] = {"us": t * 1e6, "TBps": weight_bytes(w0) / t / 1e12,
-                                   "vs_fp16_bw": weight_bytes(w0) / t / row["fp16_cublas"]["TBps"] / 1e12}
+            entry = timed_entry([lambda w=w: w.gemv(x, None) for w in ws], weight_bytes(w0), device, repeats, hold_sms)
+            entry["vs_fp16_bw"] = entry["TBps"] / row["fp16_cublas"]["TBps"]
+            row[f"{fmt}{bits}"] = entry
             del ws
         rows.append(row)
         torch.cuda.empty_cache()
     return {"device": device_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "batch": 1, "repeats": repeats, "rows": rows}
+            "batch": 1, "repeats": repeats, "hold_sms": hold_sms, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -122,6 +133,12 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         cells = [f"{r[c]['us']:.1f} ({r[c]['TBps']:.2f})" if c in r else "n/a" for c in cols]
         lines.append(f"| {r['model']} {r['linear']} {r['in']}->{r['out']} | " + " | ".join(cells) + " |")
+    if result.get("hold_sms"):
+        lines += ["", f"with {result['hold_sms']} SMs held by another kernel: us per call (slowdown)",
+                  "| shape | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for r in result["rows"]:
+            cells = [f"{r[c]['us_held']:.1f} ({100 * r[c]['held_slowdown']:+.1f} %)" if c in r else "n/a" for c in cols]
+            lines.append(f"| {r['model']} {r['linear']} {r['in']}->{r['out']} | " + " | ".join(cells) + " |")
     pre = [r for r in result["rows"] if "prefill" in r]
     if pre:
         lines += ["", f"prefill of {pre[0]['prefill']['tokens']} tokens (dequantize + cuBLAS vs fp16 cuBLAS):",
@@ -138,16 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="8b,70b", help="comma-separated subset of: " + ", ".join(SHAPES))
     parser.add_argument("--repeats", type=int, default=20, help="timed graph replays per measurement")
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="0 skips the prefill comparison")
+    parser.add_argument("--hold-sms", type=int, default=0,
+                        help="also time every kernel with this many SMs held by another kernel (e.g. 16)")
     parser.add_argument("--out", type=Path, default=Path("bench_gemv.json"), help="JSON output path")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in SHAPES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}: choose from {sorted(SHAPES)}")
+    if args.hold_sms < 0:
+        parser.error("--hold-sms must be >= 0")
     if not ops.available():
         sys.exit("needs a CUDA device and the compiled extension decdec._C")
     shapes = [(m, *s) for m in models for s in SHAPES[m]]
-    result = bench(shapes, args.repeats, args.prefill_tokens)
+    result = bench(shapes, args.repeats, args.prefill_tokens, args.hold_sms)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))

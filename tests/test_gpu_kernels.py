@@ -202,6 +202,21 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(base, layer.gw.gemv(x, None))
 
 
+def test_kernels_correct_with_sms_held():
+    """With SMs taken by another kernel, the persistent grid is not all resident at once: the GEMV
+    and the DEC merge (GEMV blocks waiting on DEC blocks) must still finish and be right."""
+    from decdec.timing import sms_held
+    layer = Layer("uniform", 3, 4096, 4096)
+    x = torch.randn(1, 4096, device=DEV).half()
+    base_ref, dec_ref = layer.gw.gemv(x, None), layer.run(x, 16, n_tb=16)
+    with sms_held(torch.cuda.get_device_properties(DEV).multi_processor_count // 2, DEV):
+        base, dec = layer.gw.gemv(x, None), layer.run(x, 16, n_tb=16)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # an event, not the device: the held SMs are released only after the block
+    assert torch.equal(base, base_ref) and torch.equal(dec, dec_ref)
+
+
 def test_torch_compile():
     layer = Layer("lut", 3, 256, 1024)
     x = torch.randn(1, 1024, device=DEV).half()

@@ -141,3 +141,9 @@ def test_group_output_is_computed_once_per_input():
     group.shared_output(members[0], x, compute)
     group.shared_output(members[1], y, compute)  # another input: computed again
     assert len(calls) == 3
+
+
+def test_holding_sms_needs_cuda():
+    from decdec.timing import time_call
+    with pytest.raises(ValueError, match="CUDA"):
+        time_call(lambda: None, "cpu", hold_sms=4)

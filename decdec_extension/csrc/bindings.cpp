@@ -268,6 +268,19 @@ Tensor alloc_pinned(int64_t nbytes) {
                           torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCPU));
 }
 
+// Benchmarks: `count` SMs held by a waiting kernel on the current stream until release[0] != 0.
+void hold_sms(const Tensor& release, int64_t count, double timeout_s) {
+  const c10::cuda::CUDAGuard guard(cuda_device(release, "release"));
+  TORCH_CHECK_TYPE(release.scalar_type() == at::kInt && release.numel() >= 1, "decdec: release must be an int32 tensor");
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, release.get_device());
+  TORCH_CHECK(count >= 1 && count < sms, "decdec: can hold 1 to ", S(sms - 1), " SMs, asked for ", S(count));
+  TORCH_CHECK(timeout_s > 0, "decdec: timeout must be positive");
+  const cudaError_t err = decdec::launch_hold_sms(release.data_ptr<int>(), int(count), timeout_s,
+                                                  at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "decdec: hold_sms launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
@@ -281,4 +294,6 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "DecDEC CUDA kernels (ops are registered under torch.ops.decdec)";
   m.def("alloc_pinned", &alloc_pinned, "pinned, mapped host memory as a uint8 CPU tensor", pybind11::arg("nbytes"));
+  m.def("hold_sms", &hold_sms, "hold SMs with a waiting kernel on the current stream until release[0] != 0",
+        pybind11::arg("release"), pybind11::arg("count"), pybind11::arg("timeout_s"));
 }

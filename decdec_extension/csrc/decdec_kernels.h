@@ -70,6 +70,9 @@ cudaError_t launch_dequantize(const void* qweight, const void* meta, int fmt, in
 // out int64 [T, k_total]: DecDEC selection of every token (DESIGN.md), ascending per token.
 cudaError_t launch_select(const void* x, int dtype, int T, int K, const float* envelope, int k_chunk, int k_total,
                           int64_t* out, cudaStream_t stream);
+// Holds `count` SMs (one block each, all of its shared memory) until *release != 0 or timeout_s
+// pass: a stand-in for another kernel running beside the one being timed (benchmarks).
+cudaError_t launch_hold_sms(const int* release, int count, double timeout_s, cudaStream_t stream);
 // out [T, 2K] (x's dtype): [x | m], m = x on each token's DecDEC selection and 0 elsewhere.
 cudaError_t launch_select_masked(const void* x, int dtype, int T, int K, const float* envelope, int k_chunk,
                                  int k_total, void* out, cudaStream_t stream);

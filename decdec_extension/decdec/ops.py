@@ -114,6 +114,14 @@ def alloc_pinned(nbytes: int) -> Tensor:
     return _C.alloc_pinned(nbytes)
 
 
+def hold_sms(release: Tensor, count: int, timeout_s: float = 5.0) -> None:
+    """Launches on the current stream a kernel that holds ``count`` whole SMs until ``release[0]``
+    (int32, on the GPU) turns non-zero or ``timeout_s`` pass (benchmarks: a kernel beside the one timed)."""
+    require()
+    from . import _C
+    _C.hold_sms(release, count, timeout_s)
+
+
 def gemv(x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, fmt: int, bits: int, group_size: int,
          out_features: int, in_features: int) -> Tensor:
     return torch.ops.decdec.gemv(x, qweight, meta, bias, fmt, bits, group_size, out_features, in_features)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,13 +35,40 @@ def _event_times(run: Callable[[], None], repeats: int, device: torch.device,
     return out
 
 
+@contextmanager
+def sms_held(count: int, device: torch.device | str) -> Iterator[None]:
+    """``count`` SMs taken by a waiting kernel on a side stream while the block runs, as another
+    kernel running beside the timed one would take them. Nothing in the block may synchronize the
+    device (the waiting kernel ends only after it, or after a 5 s timeout)."""
+    if count == 0:
+        yield
+        return
+    from . import ops
+    device = torch.device(device)
+    release = torch.zeros(1, dtype=torch.int32, device=device)
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        ops.hold_sms(release, count)
+    time.sleep(0.01)  # the held blocks are placed within microseconds on an idle GPU
+    try:
+        yield
+    finally:
+        release.fill_(1)
+        side.synchronize()
+
+
 def time_call(fn: Callable[[], object], device: torch.device | str, *, cuda_graph: bool = True,
-              warmup: int = 3, repeats: int = 15, refresh: Callable[[], object] | None = None) -> float:
+              warmup: int = 3, repeats: int = 15, refresh: Callable[[], object] | None = None,
+              hold_sms: int = 0) -> float:
     """Median seconds of one call of ``fn``. On CUDA ``fn`` is captured once as a CUDA graph (after
     warm-up calls on a side stream) and the replays are timed with events; ``cuda_graph=False``
     times eager calls with events. On CPU: wall-clock time of eager calls. ``refresh`` (say, new
-    values for the inputs ``fn`` reads) runs before every timed call and is not timed."""
+    values for the inputs ``fn`` reads) runs before every timed call and is not timed.
+    ``hold_sms``: that many SMs are held by another kernel during the timed replays (:func:`sms_held`)."""
     device = torch.device(device)
+    if hold_sms and device.type != "cuda":
+        raise ValueError("hold_sms needs a CUDA device")
     if device.type != "cuda":
         for _ in range(warmup):
             fn()
@@ -55,7 +83,8 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, cuda_grap
     if not cuda_graph:
         for _ in range(warmup):
             fn()
-        return statistics.median(_event_times(fn, repeats, device, refresh))
+        with sms_held(hold_sms, device):
+            return statistics.median(_event_times(fn, repeats, device, refresh))
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -67,7 +96,8 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, cuda_grap
         fn()
     for _ in range(warmup):
         graph.replay()
-    times = _event_times(graph.replay, repeats, device, refresh)
+    with sms_held(hold_sms, device):
+        times = _event_times(graph.replay, repeats, device, refresh)
     del graph
     return statistics.median(times)
 
