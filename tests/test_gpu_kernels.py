@@ -68,6 +68,28 @@ def test_gemv_matches_reference(fmt, bits, dtype):
             assert err < TOL[dtype], (n, k, batch, err)
 
 
+def output_rounding_ratio(gw, dense: torch.Tensor, x: torch.Tensor) -> float:
+    """The GEMV's error against an fp64 reference, over the error of rounding that reference to x's dtype."""
+    ref = x.double().cpu() @ dense.double().t()
+    err = (gw.gemv(x, None).double().cpu() - ref).norm()
+    return (err / (ref.to(x.dtype).double() - ref).norm()).item()
+
+
+@pytest.mark.parametrize("fmt", ["uniform", "lut"])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_error_is_output_rounding(fmt, bits, dtype):
+    """Weights are decoded exactly (q - z, LUT values) and products summed in fp32, so the error is the
+    rounding of the output, also when x has a large mean (large sums against small outputs)."""
+    for gs in (128, 64):  # uniform: the group-size-128 path and the generic one
+        q = make_weight(fmt, bits, 2048, 4096, gs)
+        gw = kernels.to_gpu_weight(q, DEV)
+        for mean in (0.0, 10.0):
+            x = (torch.randn(4, 4096, device=DEV) + mean).to(dtype)
+            ratio = output_rounding_ratio(gw, q.dequantize(), x)
+            assert ratio < 1.1, (gs, mean, ratio)
+
+
 @pytest.mark.parametrize("fmt", ["uniform", "lut"])
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
