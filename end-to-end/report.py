@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             if data.get("graph_errors"):
                 print(f"not captured as CUDA graphs: {data['graph_errors']}")
             if "memory_check" in data:
-                mc = data["memory_check"]
-                print(f"memory growth over {mc['tokens']} generated tokens: "
-                      + ", ".join(f"{k} {v:+.1f}" for k, v in mc["growth"].items()))
+                print(generate.memory_check_line(data["memory_check"]))
             if "profile" in data:
                 print(generate.profile_table(data["profile"]))
     return 0 if tunes or benches else 1

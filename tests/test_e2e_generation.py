@@ -66,6 +66,24 @@ def test_session_is_reusable_and_eos_stops(prepared, prompt):
     assert session.generate(prompt, NEW).tokens == full  # the cache was reset
 
 
+def test_attention_windows_give_the_whole_cache_result(prepared, prompt):
+    """Windows of 8, 16, 32 positions (and the whole cache of 64 past them) against attention over
+    the whole cache at every step: the same tokens, logits equal up to summation order."""
+    model = decdec.load_prepared(prepared, mode="none")
+    windowed, whole = DecodeSession(model, 64, window_base=8), DecodeSession(model, 64, window_base=None)
+    assert [windowed.window_for(n) for n in (1, 8, 9, 33, 64)] == [8, 8, 16, None, None]
+    assert windowed.generate(prompt, 50).tokens == whole.generate(prompt, 50).tokens
+    for session in (windowed, whole):
+        session.prefill(prompt)
+    for t in range(40):  # teacher-forced, across every window
+        token = torch.tensor([[t + 3]])
+        torch.testing.assert_close(windowed.step(token), whole.step(token), rtol=1e-5, atol=1e-5)
+    assert windowed.cache.layers[0].window is None  # position 47: past the last window, the whole cache
+    with pytest.raises(ValueError, match="full"):
+        for _ in range(20):
+            windowed.step(torch.tensor([[5]]))
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
 def test_other_architectures(arch, tmp_path):
     prepare_by_hand(tiny_model(arch), tmp_path, bits=4, group_size=32)
@@ -74,7 +92,7 @@ def test_other_architectures(arch, tmp_path):
     session = DecodeSession(model, 40)
     assert session.generate(prompt, 12).tokens == hf_greedy(model, prompt, 12)
     # mistral's 4096-token window never slides in 40 positions: plain static layers, capturable
-    assert {type(layer).__name__ for layer in session.cache.layers} == {"StaticLayer"}
+    assert {type(layer).__name__ for layer in session.cache.layers} == {"WindowedStaticLayer"}
 
 
 @pytest.mark.slow
@@ -156,17 +174,21 @@ def test_cuda_graph_decode_equals_eager(tmp_path, mode, k_chunk):
     write_synthetic_model(tmp_path, "tiny", bits=3)
     model = decdec.load_prepared(tmp_path, "cuda", mode=mode, k_chunk=k_chunk)
     prompt = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
-    graph, eager = DecodeSession(model, 64, cuda_graph=True), DecodeSession(model, 64, cuda_graph=False)
-    tokens = eager.generate(prompt, NEW).tokens
-    result = graph.generate(prompt, NEW)
+    # the graphed session with attention windows of 16 and 32 positions (one graph each, then the
+    # whole cache), the eager one over the whole cache
+    graph = DecodeSession(model, 64, cuda_graph=True, window_base=16)
+    eager = DecodeSession(model, 64, cuda_graph=False, window_base=None)
+    tokens = eager.generate(prompt, NEW + 20).tokens
+    result = graph.generate(prompt, NEW + 20)
     assert result.cuda_graph, graph.graph_error
+    assert graph.graphs_captured == 3
     # teacher-forced steps: the replayed graph gives the eager logits (the DEC merge may add in
     # another order, so allclose rather than equal tokens)
     logits = []
     for session in (graph, eager):
         session.prefill(prompt)
         logits.append(torch.stack([session.step(torch.tensor([[t]], device="cuda")).float().clone()
-                                   for t in tokens[:8]]))
+                                   for t in tokens[:40]]))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-2, atol=1e-2)
     decdec.configure(model, k_chunk=0)  # a settings change re-captures
     assert graph.generate(prompt, 4).cuda_graph and graph.graph_error is None

@@ -5,7 +5,10 @@ every linear). Each further token is one *decode step* on a one-token input; on 
 captured once as a CUDA graph and replayed, so a token costs one graph launch instead of
 hundreds of kernel launches from Python. The static cache keeps all its state on the device
 (key/value tensors and the write position, which the captured step itself advances), so the same
-graph serves every position.
+graph serves every position of an *attention window*: the decode step attends over the first W
+positions of the cache only (W: a power-of-two multiple of ``window_base`` that covers the
+position, or the whole cache), since the positions not written yet are masked anyway. Attention
+then reads what the context holds rather than the whole cache, and each window has its graph.
 
 The graph is captured for the DecDEC settings in force (mode, k_chunk, n_tb of every selection
 group); changing them re-captures it on the next step. A model whose decode step cannot be
@@ -15,6 +18,7 @@ back to eager steps with a warning. On CPU every step is eager.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -73,6 +77,29 @@ def _cache_config(config, max_len: int):
     return config
 
 
+@functools.cache
+def _windowed_layer_class() -> type:
+    from transformers.cache_utils import StaticLayer
+
+    class WindowedStaticLayer(StaticLayer):
+        """A static cache layer whose keys, values and mask stop after its first ``window``
+        positions (None: all of them)."""
+
+        window: int | None = None
+
+        def update(self, *args, **kwargs):
+            keys, values = super().update(*args, **kwargs)
+            if self.window is None:
+                return keys, values
+            return keys[:, :, :self.window], values[:, :, :self.window]
+
+        def get_mask_sizes(self, *args, **kwargs):
+            kv_length, kv_offset = super().get_mask_sizes(*args, **kwargs)
+            return (kv_length if self.window is None else min(kv_length, self.window)), kv_offset
+
+    return WindowedStaticLayer
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,24 +113,39 @@ class DecodeSession:
 
     ``compile``: the decode step goes through ``torch.compile`` (no CUDA graphs of its own) before
     it is captured, which fuses the many small element-wise kernels of norms, rotary embeddings and
-    activations. Each DecDEC setting compiles again (tens of seconds for an 8B model); a failure
-    falls back to the plain step.
+    activations. Each DecDEC setting and attention window compiles again (tens of seconds for an 8B
+    model); a failure falls back to the plain step.
+
+    ``window_base``: the smallest attention window (module docstring); None attends over the whole
+    cache at every position.
     """
 
-    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool = False):
+    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool = False,
+                 window_base: int | None = 512):
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+        if window_base is not None and window_base < 1:
+            raise ValueError(f"window_base must be positive or None, got {window_base}")
         self.model = model
         self.device = next(model.parameters()).device
         self.groups = selection_groups(model)  # looked up once: a module walk per token would cost
         self.max_len = max_len
+        self.window_base = window_base
         self.cache = StaticCache(config=_cache_config(model.config, max_len), max_cache_len=max_len)
+        if window_base is not None:
+            for layer in self.cache.layers:
+                if type(layer) is StaticLayer:  # sliding-window layers keep their own attention span
+                    layer.__class__ = _windowed_layer_class()
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.graph_error: str | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_key: tuple | None = None
-        self._graph_logits: Tensor | None = None
+        # captured steps by attention window, for the DecDEC settings _graph_settings, in one memory
+        # pool (they never run at the same time)
+        self._graphs: dict[int | None, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graph_settings: tuple | None = None
+        self._graph_pool = None
+        self._length = 0  # positions of the cache written so far
         self._input = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.compiled = compile
         self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -117,15 +159,36 @@ class DecodeSession:
     def _positions(self) -> list[Tensor]:
         return [layer.cumulative_length for layer in self.cache.layers if isinstance(layer.cumulative_length, Tensor)]
 
+    @property
+    def graphs_captured(self) -> int:
+        """Decode steps captured for the current DecDEC settings (one per attention window used)."""
+        return len(self._graphs)
+
+    def window_for(self, length: int) -> int | None:
+        """The attention window of a forward pass over the cache's first ``length`` positions."""
+        if self.window_base is None:
+            return None
+        window = self.window_base
+        while window < length:
+            window *= 2
+        return window if window < self.max_len else None
+
+    def _set_window(self, length: int) -> int | None:
+        window = self.window_for(length)
+        for layer in self.cache.layers:
+            if type(layer) is _windowed_layer_class():
+                layer.window = window
+        return window
+
     def _graph_ok(self) -> bool:
         from transformers.cache_utils import StaticLayer
         # sliding-window layers track their position in a Python int, which a graph would freeze
-        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+        if any(type(layer) not in (StaticLayer, _windowed_layer_class()) for layer in self.cache.layers):
             self.graph_error = "cache layers other than StaticLayer (sliding window?) keep Python-side state"
             return False
         return True
 
-    def _capture(self) -> None:
+    def _capture(self, window: int | None) -> None:
         """Captures one decode step reading ``self._input``. The eager warm-up steps write the cache
         slot of the current position and advance the write position; it is put back after each, so
         the replayed step writes that slot again, and positions stay right."""
@@ -139,27 +202,29 @@ class DecodeSession:
                     p.copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 logits = self._decode(self._input)
         finally:
             for p, v in zip(self._positions(), saved):
                 p.copy_(v)
-        self._graph, self._graph_logits = graph, logits
-        self._graph_key = decdec_settings(self.groups)
+        self._graphs[window] = (graph, logits)
 
-    def _ensure_graph(self) -> bool:
+    def _ensure_graph(self, window: int | None) -> bool:
         if not self.use_graph:
             return False
-        key = decdec_settings(self.groups)
-        if self._graph is not None and self._graph_key == key:
+        settings = decdec_settings(self.groups)
+        if settings != self._graph_settings:  # free the old graphs' pool before capturing again
+            self._graphs, self._graph_pool, self._graph_settings = {}, None, settings
+        if window in self._graphs:
             return True
-        self._graph = self._graph_logits = None  # free the old graph's pool before capturing again
         if not self._graph_ok():
             self.use_graph = False
         else:
             try:
-                self._capture()
+                self._capture(window)
                 return True
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
                 self.graph_error = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -167,7 +232,8 @@ class DecodeSession:
                 if self.compiled:  # try once more without torch.compile
                     warnings.warn(f"compiled decode step failed, using the plain one: {self.graph_error}")
                     self.compiled, self._decode = False, self._forward
-                    return self._ensure_graph()
+                    self._graphs, self._graph_pool = {}, None
+                    return self._ensure_graph(window)
                 self.use_graph = False
         warnings.warn(f"decode step not captured as a CUDA graph, running eagerly: {self.graph_error}")
         return False
@@ -180,16 +246,24 @@ class DecodeSession:
         if input_ids.shape[1] >= self.max_len:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit a cache of {self.max_len}")
         self.cache.reset()
-        return self._forward(input_ids.to(self.device))
+        self._set_window(input_ids.shape[1])
+        logits = self._forward(input_ids.to(self.device))
+        self._length = input_ids.shape[1]
+        return logits
 
     @torch.no_grad()
     def step(self, token: Tensor) -> Tensor:
         """Feeds one token [1, 1] (on the device) and returns the next-token logits [1, V]. The
         returned tensor of a graph replay is overwritten by the next step."""
+        if self._length >= self.max_len:
+            raise ValueError(f"the cache of {self.max_len} positions is full")
         self._input.copy_(token)
-        if self._ensure_graph():
-            self._graph.replay()
-            return self._graph_logits
+        window = self._set_window(self._length + 1)
+        self._length += 1
+        if self._ensure_graph(window):
+            graph, logits = self._graphs[window]
+            graph.replay()
+            return logits
         return self._decode(self._input)
 
     # ------------------------------------------------------------ the loop
@@ -234,7 +308,7 @@ class DecodeSession:
             steps += 1
         _sync(self.device)
         t2 = time.perf_counter()
-        return GenerationResult(tokens, prompt_len, t1 - t0, t2 - t1, steps, self._graph is not None and self.use_graph)
+        return GenerationResult(tokens, prompt_len, t1 - t0, t2 - t1, steps, bool(self._graphs) and self.use_graph)
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
