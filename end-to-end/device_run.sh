@@ -18,8 +18,9 @@
 #           then 5 % and 10 % from the same measured table, and a dry run with the measured bandwidths
 #   bench   generate.py --bench: DecDEC off vs the three tuned configs, alternating runs, roofline from
 #           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
-#           memory growth over $MEM_TOKENS generated tokens, and a profile of $PROFILE_STEPS decode
-#           steps per setting (GPU time by kernel kind)
+#           memory growth over $MEM_TOKENS generated tokens, decode steps at the context lengths
+#           $CONTEXTS with attention windows and over the whole cache, and a profile of
+#           $PROFILE_STEPS decode steps per setting (GPU time by kernel kind)
 #   bench_compiled  the same benchmark, DecDEC off vs the 2.5 % config, with the decode step
 #           torch.compile'd before capture (fuses the small element-wise kernels; about 3 minutes)
 #   report  the tuning and benchmark tables
@@ -28,7 +29,7 @@
 #
 # Settings (environment): OUT (where results are copied, default ./device_out), RES (working
 # results, default /tmp/decdec-device-results), SYN (synthetic model dir), SHAPE (llama-3-8b),
-# BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), PROFILE_STEPS (20), STAGES.
+# BITS (3), NEW_TOKENS (256), MEM_TOKENS (10000), CONTEXTS (1000,4000,8000), PROFILE_STEPS (20), STAGES.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -38,6 +39,7 @@ BITS=${BITS:-3}
 SYN=${SYN:-/tmp/decdec-synthetic/$SHAPE-${BITS}bit}
 NEW_TOKENS=${NEW_TOKENS:-256}
 MEM_TOKENS=${MEM_TOKENS:-10000}
+CONTEXTS=${CONTEXTS:-1000,4000,8000}
 PROFILE_STEPS=${PROFILE_STEPS:-20}
 STAGES=${STAGES:-tests build tune bench bench_compiled report}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -103,19 +105,18 @@ print(d['bandwidth_GBps']['memory'], d['bandwidth_GBps']['pcie'], torch.cuda.get
 fi
 
 if want bench; then
+  BENCH=(python end-to-end/generate.py --model-dir "$SYN" --bench --fp16-contrast --memory-check "$MEM_TOKENS"
+         --contexts "$CONTEXTS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json")
   if [[ $EXT == 1 ]]; then
     TUNED=$(ls "$RES"/tune_2.5.json "$RES"/tune_5.json "$RES"/tune_10.json 2>/dev/null | tr '\n' ' ')
     if [[ -n "$TUNED" ]]; then
       # shellcheck disable=SC2086
-      run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --tuned $TUNED --fp16-contrast \
-        --memory-check "$MEM_TOKENS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
+      run_stage bench "${BENCH[@]}" --tuned $TUNED
     else
-      run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --k-chunk 8 --fp16-contrast \
-        --memory-check "$MEM_TOKENS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
+      run_stage bench "${BENCH[@]}" --k-chunk 8
     fi
   else
-    run_stage bench python end-to-end/generate.py --model-dir "$SYN" --bench --no-decdec --fp16-contrast \
-      --memory-check "$MEM_TOKENS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json"
+    run_stage bench "${BENCH[@]}" --no-decdec
   fi
 fi
 

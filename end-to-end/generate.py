@@ -32,7 +32,7 @@ import torch
 
 import decdec
 from decdec import tuning
-from decdec.generation import DecodeSession, GenerationResult, load_for_generation
+from decdec.generation import DecodeSession, GenerationResult, load_for_generation, sync_device
 from decdec.synthetic import SHAPES, ensure_synthetic_model
 from decdec.timing import device_name, memory_bandwidth
 
@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--fp16-contrast", action="store_true", help="also time a random fp16 model of the same shape")
     b.add_argument("--memory-check", type=int, metavar="N",
                    help="also generate N tokens in one run and report the memory growth over them")
+    b.add_argument("--contexts", metavar="L,L,...",
+                   help="also time decode steps (DecDEC off) with L positions in the cache, with attention windows "
+                        "and over the whole cache, e.g. 1000,4000,8000")
     b.add_argument("--profile", type=int, metavar="STEPS",
                    help="profile STEPS decode steps of every benchmarked setting (CUDA): GPU time per step by "
                         "kernel kind, to see where a step's time goes")
@@ -88,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--memory-check needs at least 2 tokens")
     if args.profile is not None and (not args.bench or args.profile < 1 or args.device == "cpu"):
         p.error("--profile needs --bench, a positive step count and a CUDA device")
+    if args.contexts is not None:
+        try:
+            args.contexts = [int(v) for v in args.contexts.split(",")]
+        except ValueError:
+            p.error(f"--contexts {args.contexts!r}: expected comma-separated integers")
+        if not args.bench or min(args.contexts) < 1:
+            p.error("--contexts needs --bench and positive lengths")
     return args
 
 
@@ -248,6 +258,10 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     apply_settings(model, configs[-1][1])
     if args.memory_check:
         out["memory_check"] = memory_check(model, ids, args.memory_check, graph)
+    if args.contexts:
+        apply_settings(model, configs[0][1])
+        out["contexts"] = context_bench(model, args.contexts, 32, graph)
+        apply_settings(model, configs[-1][1])
     if args.fp16_contrast:
         rows += fp16_contrast(model.config, ids, n, repeats, device, bw, graph, off_ms)
     out["rows"] = rows
@@ -353,6 +367,41 @@ def memory_check(model, ids, n: int, graph: bool) -> dict:
             "first_ms_per_token": first.ms_per_token, "ms_per_token": long.ms_per_token}
 
 
+def context_bench(model, lengths: list[int], steps: int, graph: bool) -> list[dict]:
+    """ms per decode step with L positions already in the cache, for each L: with attention windows
+    and over the whole cache (window_base None), on one cache size. Random prompts of L tokens; the
+    steps are run once untimed first, so every window they touch is captured before the timing."""
+    max_len = max(lengths) + steps + 2
+    sessions = {"windows": DecodeSession(model, max_len, cuda_graph=graph),
+                "whole cache": DecodeSession(model, max_len, cuda_graph=graph, window_base=None)}
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for length in lengths:
+        ids = torch.randint(3, vocab, (1, length), generator=gen)
+        row = {"context": length, "steps": steps}
+        for name, session in sessions.items():
+            for _ in range(2):  # the first pass captures the windows the steps touch, the second is timed
+                token = session.prefill(ids).argmax(-1, keepdim=True)
+                sync_device(session.device)
+                t0 = time.perf_counter()
+                for _ in range(steps + 1):
+                    session.step(token)
+                sync_device(session.device)
+            row[name] = 1e3 * (time.perf_counter() - t0) / (steps + 1)
+        print(f"context {length}: " + ", ".join(f"{k} {row[k]:.3f}" for k in sessions) + " ms/token", file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def context_table(rows: list[dict]) -> str:
+    lines = ["context  ms/token, windows  ms/token, whole cache  whole / windows",
+             "-------  ----------------  --------------------  ---------------"]
+    lines += [f"{r['context']:>7}  {r['windows']:>16.3f}  {r['whole cache']:>20.3f}  {r['whole cache'] / r['windows']:>15.2f}"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def memory_check_line(mc: dict) -> str:
     """One line of a memory_check result (older results have no first run)."""
     line = f"memory growth over {mc['tokens']} generated tokens: " + ", ".join(
@@ -418,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         print(bench_table(result["rows"]))
         if "memory_check" in result:
             print(memory_check_line(result["memory_check"]))
+        if "contexts" in result:
+            print(context_table(result["contexts"]))
         if "profile" in result:
             print(profile_table(result["profile"]))
     else:

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"not captured as CUDA graphs: {data['graph_errors']}")
             if "memory_check" in data:
                 print(generate.memory_check_line(data["memory_check"]))
+            if "contexts" in data:
+                print(generate.context_table(data["contexts"]))
             if "profile" in data:
                 print(generate.profile_table(data["profile"]))
     return 0 if tunes or benches else 1

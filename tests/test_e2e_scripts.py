@@ -71,16 +71,18 @@ def test_generate_prints_text(generate, stories3, capsys, tmp_path):
 def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
     out_json = tmp_path / "bench.json"
     assert generate.main(["--synthetic", "tiny", "--synthetic-dir", str(synthetic), "--bench", "--max-new-tokens", "3",
-                          "--k-chunk", "64", "--fp16-contrast", "--memory-check", "6", "--device", "cpu",
-                          "--json", str(out_json)]) == 0
+                          "--k-chunk", "64", "--fp16-contrast", "--memory-check", "6", "--contexts", "5,40",
+                          "--device", "cpu", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "decode benchmark" in out and "DecDEC on" in out
+    assert "decode benchmark" in out and "DecDEC on" in out and "whole / windows" in out
     result = json.loads(out_json.read_text())
     names = [r["name"] for r in result["rows"]]
     assert names == ["quantized, DecDEC off", "quantized, DecDEC on", "fp32 dense, this loop",
                      "fp32 dense, HF generate()"]
     assert result["rows"][1]["slowdown_percent"] is not None and result["rows"][0]["roofline_ms"] is None
-    assert result["memory_check"]["tokens"] == 6
+    assert result["memory_check"]["tokens"] == 6 and result["memory_check"]["graphs"] == 0  # CPU: eager steps
+    assert [r["context"] for r in result["contexts"]] == [5, 40]
+    assert all(r["windows"] > 0 and r["whole cache"] > 0 for r in result["contexts"])
     assert all(v["k_chunk"] == 64 for v in result["decdec"].values())
     assert "k_chunk q_proj 64" in result["rows"][1]["note"]
 

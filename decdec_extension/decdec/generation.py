@@ -100,7 +100,8 @@ def _windowed_layer_class() -> type:
     return WindowedStaticLayer
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Waits for the work queued on ``device`` (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -285,10 +286,10 @@ class DecodeSession:
         every = 1 if on_tokens is not None else (check_every if eos else max_new_tokens)
         out = torch.empty(1, max_new_tokens, dtype=torch.long, device=self.device)
 
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         out[:, 0:1] = _pick(self.prefill(input_ids), temperature, top_k, generator)
-        _sync(self.device)
+        sync_device(self.device)
         t1 = time.perf_counter()
         tokens: list[int] = []
         done, steps = False, 0
@@ -306,7 +307,7 @@ class DecodeSession:
                     break
             out[:, i:i + 1] = _pick(self.step(out[:, i - 1:i]), temperature, top_k, generator)
             steps += 1
-        _sync(self.device)
+        sync_device(self.device)
         t2 = time.perf_counter()
         return GenerationResult(tokens, prompt_len, t1 - t0, t2 - t1, steps, bool(self._graphs) and self.use_graph)
 
