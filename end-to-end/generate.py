@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time each of these tuned configs (decdec_config.json or tune.py --json files)")
     b.add_argument("--fp16-contrast", action="store_true", help="also time a random fp16 model of the same shape")
     b.add_argument("--memory-check", type=int, metavar="N",
-                   help="also generate N tokens in one run and report the memory growth over them")
+                   help="also generate N tokens twice on one session and report the memory growth over the "
+                        "second run (the first captures the decode steps)")
     b.add_argument("--contexts", metavar="L,L,...",
                    help="also time decode steps (DecDEC off) with L positions in the cache, with attention windows "
                         "and over the whole cache, e.g. 1000,4000,8000")

@@ -133,10 +133,10 @@ class DecodeSession:
         self.max_len = max_len
         self.window_base = window_base
         self.cache = StaticCache(config=_cache_config(model.config, max_len), max_cache_len=max_len)
-        if window_base is not None:
-            for layer in self.cache.layers:
-                if type(layer) is StaticLayer:  # sliding-window layers keep their own attention span
-                    layer.__class__ = _windowed_layer_class()
+        # sliding-window layers keep their own attention span; the others get windows
+        self._windowed = [layer for layer in self.cache.layers if type(layer) is StaticLayer] if window_base else []
+        for layer in self._windowed:
+            layer.__class__ = _windowed_layer_class()
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -176,9 +176,8 @@ class DecodeSession:
 
     def _set_window(self, length: int) -> int | None:
         window = self.window_for(length)
-        for layer in self.cache.layers:
-            if type(layer) is _windowed_layer_class():
-                layer.window = window
+        for layer in self._windowed:
+            layer.window = window
         return window
 
     def _graph_ok(self) -> bool:
