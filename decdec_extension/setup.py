@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 
 
 CPU_SOURCES = ["csrc/cpu_selection.cpp"]
-CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/kernels.cu"]
+CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/kernels.cu", "csrc/attention.cu"]
 CXX_FLAGS = ["-O3", "-std=c++17"]
 # at::parallel_for spreads over threads only where OpenMP is on, as in torch's own build
 CPU_FLAGS = CXX_FLAGS + ["-fopenmp"]

@@ -18,9 +18,9 @@
 #           then 5 % and 10 % from the same measured table, and a dry run with the measured bandwidths
 #   bench   generate.py --bench: DecDEC off vs the three tuned configs, alternating runs, roofline from
 #           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
-#           memory growth over $MEM_TOKENS generated tokens, decode steps at the context lengths
-#           $CONTEXTS with attention windows and over the whole cache, and a profile of
-#           $PROFILE_STEPS decode steps per setting (GPU time by kernel kind)
+#           memory growth over $MEM_TOKENS decode steps, decode steps at the context lengths
+#           $CONTEXTS (SDPA and the decode-attention kernel, each with windows and over the whole
+#           cache), and a profile of $PROFILE_STEPS decode steps per setting (GPU time by kernel kind)
 #   bench_compiled  the same benchmark, DecDEC off vs the 2.5 % config, with the decode step
 #           torch.compile'd before capture (fuses the small element-wise kernels; about 3 minutes)
 #   report  the tuning and benchmark tables

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--k-chunk", help="k_chunk for every kind (e.g. 8) or per kind (e.g. o_proj=4,down_proj=16)")
     g.add_argument("--no-decdec", action="store_true", help="plain quantized model (mode none)")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    g.add_argument("--sdpa-attention", action="store_true",
+                   help="decode steps use transformers' SDPA instead of DecDEC's decode-attention kernel (CUDA)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step before capturing it (fuses small kernels; compiles per setting)")
     b = p.add_argument_group("benchmark")
@@ -72,11 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time each of these tuned configs (decdec_config.json or tune.py --json files)")
     b.add_argument("--fp16-contrast", action="store_true", help="also time a random fp16 model of the same shape")
     b.add_argument("--memory-check", type=int, metavar="N",
-                   help="also generate N tokens twice on one session and report the memory growth over the "
-                        "second run (the first captures the decode steps)")
+                   help="also generate N tokens on one session, then run N greedy decode steps on it and report "
+                        "the memory growth over those steps (the first run captures the decode steps)")
     b.add_argument("--contexts", metavar="L,L,...",
-                   help="also time decode steps (DecDEC off) with L positions in the cache, with attention windows "
-                        "and over the whole cache, e.g. 1000,4000,8000")
+                   help="also time decode steps (DecDEC off) with L positions in the cache, with SDPA and DecDEC's "
+                        "decode attention (CUDA), each with attention windows and over the whole cache, e.g. "
+                        "1000,4000,8000")
     b.add_argument("--profile", type=int, metavar="STEPS",
                    help="profile STEPS decode steps of every benchmarked setting (CUDA): GPU time per step by "
                         "kernel kind, to see where a step's time goes")
@@ -233,7 +236,9 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     roof = 1e3 * quantized_roofline_bytes(model) / bw if bw else None
     configs = [("quantized, DecDEC off", [("none", k, n_tb) for _, k, n_tb in settings_of(model)], "")]
     configs += bench_settings(args, model)
-    sessions = [DecodeSession(model, max_len, cuda_graph=graph, compile=args.compile) for _ in configs]  # one graph per setting
+    attention = False if args.sdpa_attention else None
+    sessions = [DecodeSession(model, max_len, cuda_graph=graph, compile=args.compile, decode_attention=attention)
+                for _ in configs]  # one graph per setting
     times: list[list[GenerationResult]] = [[] for _ in configs]
     for i in range(repeats + 1):  # the first round warms up (and captures the graphs)
         for j, (_, settings, _) in enumerate(configs):
@@ -250,6 +255,13 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     out = {"memory_bandwidth_GBps": bw / GB if bw else None, "roofline_bytes": quantized_roofline_bytes(model),
            "repeats": repeats, "runs_ms_per_token": {name: [r.ms_per_token for r in t] for (name, _, _), t in zip(configs, times)},
            "graph_errors": {configs[j][0]: s.graph_error for j, s in enumerate(sessions) if s.graph_error}}
+    # the memory check runs before the profiler has been in this process
+    apply_settings(model, configs[-1][1])
+    if args.memory_check:
+        out["memory_check"] = memory_check(model, ids, args.memory_check, graph, attention)
+    if args.contexts:
+        apply_settings(model, configs[0][1])
+        out["contexts"] = context_bench(model, args.contexts, 32, graph)
     if args.profile:
         out["profile"] = {}
         for (name, settings, _), session in zip(configs, sessions):
@@ -257,14 +269,8 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
             out["profile"][name] = profile_decode(session, ids, args.profile)
     del sessions
     apply_settings(model, configs[-1][1])
-    if args.memory_check:
-        out["memory_check"] = memory_check(model, ids, args.memory_check, graph)
-    if args.contexts:
-        apply_settings(model, configs[0][1])
-        out["contexts"] = context_bench(model, args.contexts, 32, graph)
-        apply_settings(model, configs[-1][1])
     if args.fp16_contrast:
-        rows += fp16_contrast(model.config, ids, n, repeats, device, bw, graph, off_ms)
+        rows += fp16_contrast(model.config, ids, n, repeats, device, bw, graph, off_ms, attention)
     out["rows"] = rows
     return out
 
@@ -337,12 +343,13 @@ def profile_table(profile: dict) -> str:
     return "\n".join(out)
 
 
-def memory_check(model, ids, n: int, graph: bool) -> dict:
-    """Memory across a generation of ``n`` tokens on a session that already made one: the first
-    captures a decode step per attention window (bounded, reported as ``first_run``); the growth
-    over the second is what decoding itself leaks."""
+def memory_check(model, ids, n: int, graph: bool, decode_attention: bool | None = None) -> dict:
+    """Memory across ``n`` greedy decode steps on a session that already generated ``n`` tokens
+    once: that first run captures a decode step per attention window (bounded, reported as
+    ``first_run``); the growth from the first to the last of the second run's steps is what
+    decoding itself leaks. The steps feed each other on the device (no host round trip)."""
     device = next(model.parameters()).device
-    session = DecodeSession(model, ids.shape[1] + n, cuda_graph=graph)
+    session = DecodeSession(model, ids.shape[1] + n, cuda_graph=graph, decode_attention=decode_attention)
 
     def snapshot() -> dict:
         snap = {}
@@ -357,31 +364,40 @@ def memory_check(model, ids, n: int, graph: bool) -> dict:
 
     start = snapshot()
     first = session.generate(ids, n)
+    after_first = snapshot()
+    token = session.prefill(ids).argmax(-1, keepdim=True)
+    token = session.step(token).argmax(-1, keepdim=True)
     before = snapshot()
-    long = session.generate(ids, n)
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        token = session.step(token).argmax(-1, keepdim=True)
     after = snapshot()
+    ms = 1e3 * (time.perf_counter() - t0) / (n - 1)
     growth = {k: after[k] - before[k] for k in before}
-    print(f"memory check: {n} tokens ({long.tokens_per_s:.1f} tokens/s); growth over them: "
+    print(f"memory check: {n} decode steps ({ms:.3f} ms each); growth over them: "
           + ", ".join(f"{k} {v:+.1f}" for k, v in growth.items()), file=sys.stderr)
     return {"tokens": n, "graphs": session.graphs_captured, "start": start, "before": before, "after": after,
-            "growth": growth, "first_run": {k: before[k] - start[k] for k in start},
-            "first_ms_per_token": first.ms_per_token, "ms_per_token": long.ms_per_token}
+            "growth": growth, "first_run": {k: after_first[k] - start[k] for k in start},
+            "first_ms_per_token": first.ms_per_token, "ms_per_token": ms}
 
 
 def context_bench(model, lengths: list[int], steps: int, graph: bool) -> list[dict]:
-    """ms per decode step with L positions already in the cache, for each L: with attention windows
-    and over the whole cache (window_base None), on one cache size. Random prompts of L tokens; the
-    steps are run once untimed first, so every window they touch is captured before the timing."""
+    """ms per decode step with L positions already in the cache, for each L, with SDPA and (on
+    CUDA with the extension) DecDEC's decode attention, each with attention windows and over the
+    whole cache (window_base None), on one cache size. One session at a time runs every length
+    (random prompts of L tokens); each length's steps run once untimed first, so every window
+    they touch is captured before the timing."""
     max_len = max(lengths) + steps + 2
-    sessions = {"windows": DecodeSession(model, max_len, cuda_graph=graph),
-                "whole cache": DecodeSession(model, max_len, cuda_graph=graph, window_base=None)}
+    kernel = [False, True] if decdec.cuda_available() and next(model.parameters()).is_cuda else [False]
+    settings = {f"{'decdec' if use else 'SDPA'}, {name}": dict(window_base=base, decode_attention=use)
+                for use in kernel for name, base in (("windows", 512), ("whole cache", None))}
     vocab = model.config.get_text_config(decoder=True).vocab_size
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    for length in lengths:
-        ids = torch.randint(3, vocab, (1, length), generator=gen)
-        row = {"context": length, "steps": steps}
-        for name, session in sessions.items():
+    prompts = [torch.randint(3, vocab, (1, length), generator=gen) for length in lengths]
+    rows = [{"context": length, "steps": steps, "ms_per_token": {}} for length in lengths]
+    for name, kwargs in settings.items():
+        session = DecodeSession(model, max_len, cuda_graph=graph, **kwargs)
+        for ids, row in zip(prompts, rows):
             for _ in range(2):  # the first pass captures the windows the steps touch, the second is timed
                 token = session.prefill(ids).argmax(-1, keepdim=True)
                 sync_device(session.device)
@@ -389,23 +405,28 @@ def context_bench(model, lengths: list[int], steps: int, graph: bool) -> list[di
                 for _ in range(steps + 1):
                     session.step(token)
                 sync_device(session.device)
-            row[name] = 1e3 * (time.perf_counter() - t0) / (steps + 1)
-        print(f"context {length}: " + ", ".join(f"{k} {row[k]:.3f}" for k in sessions) + " ms/token", file=sys.stderr)
-        rows.append(row)
+            row["ms_per_token"][name] = 1e3 * (time.perf_counter() - t0) / (steps + 1)
+        if session.graph_error:
+            print(f"{name}: {session.graph_error}", file=sys.stderr)
+        print(f"{name}: " + ", ".join(f"context {r['context']} {r['ms_per_token'][name]:.3f}" for r in rows)
+              + " ms/token", file=sys.stderr)
+        del session
     return rows
 
 
 def context_table(rows: list[dict]) -> str:
-    lines = ["context  ms/token, windows  ms/token, whole cache  whole / windows",
-             "-------  ----------------  --------------------  ---------------"]
-    lines += [f"{r['context']:>7}  {r['windows']:>16.3f}  {r['whole cache']:>20.3f}  {r['whole cache'] / r['windows']:>15.2f}"
-              for r in rows]
-    return "\n".join(lines)
+    names = list(rows[0]["ms_per_token"])
+    lines = [("context",) + tuple(f"ms/token, {n}" for n in names)]
+    lines += [(str(r["context"]),) + tuple(f"{r['ms_per_token'][n]:.3f}" for n in names) for r in rows]
+    widths = [max(len(line[c]) for line in lines) for c in range(len(names) + 1)]
+    out = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
 
 
 def memory_check_line(mc: dict) -> str:
     """One line of a memory_check result (older results have no first run)."""
-    line = f"memory growth over {mc['tokens']} generated tokens: " + ", ".join(
+    line = f"memory growth over {mc['tokens']} decode steps: " + ", ".join(
         f"{k} {v:+.1f}" for k, v in mc["growth"].items())
     if "first_run" in mc:
         line += (f" (a second run; the first, which captured {mc['graphs']} decode steps: "
@@ -414,16 +435,17 @@ def memory_check_line(mc: dict) -> str:
 
 
 def fp16_contrast(config, ids, n: int, repeats: int, device: torch.device, bw: float | None, graph: bool,
-                  reference_ms: float) -> list[dict]:
+                  reference_ms: float, decode_attention: bool | None = None) -> list[dict]:
     """A random fp16 model of the same config: this loop (static cache, CUDA graph) and HF generate()."""
     from transformers import AutoModelForCausalLM
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     with torch.device(device):
         dense = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     roof = 1e3 * dense_roofline_bytes(dense) / bw if bw else None
-    session = DecodeSession(dense, ids.shape[1] + n, cuda_graph=graph)
+    session = DecodeSession(dense, ids.shape[1] + n, cuda_graph=graph, decode_attention=decode_attention)
     ours = [session.generate(ids, n) for _ in range(repeats + 1)][1:]
     del session
+    dense.config._attn_implementation = "sdpa"  # transformers' own attention (the session may have switched it)
     hf_ms = []
     ids_dev = ids.to(device)
     for tokens in (min(n, 8), n):  # a short warm-up, then one timed run: it is slow and steady
@@ -453,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     graph = device.type == "cuda" and not args.no_cuda_graph
     tuned = (model_dir / decdec.artifacts.TUNING_CONFIG).is_file()
     result = {"model_dir": str(model_dir), "device": device_name(device), "dtype": str(next(model.parameters()).dtype),
-              "compile": args.compile,
+              "compile": args.compile, "sdpa_attention": args.sdpa_attention,
               "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens, "tuned_config": tuned,
               "decdec": {g.kind: {"mode": g.mode, "k_chunk": g.k_chunk, "n_tb": g.n_tb}
                          for g in decdec.selection_groups(model)}}
@@ -473,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         if "profile" in result:
             print(profile_table(result["profile"]))
     else:
-        session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph, compile=args.compile)
+        session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph, compile=args.compile,
+                                decode_attention=False if args.sdpa_attention else None)
         result.update(run_generate(args, model, tokenizer, ids, session))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -61,11 +61,11 @@ def test_chat_commands_and_eof(chat, stories3, capsys, monkeypatch):
 def test_generate_prints_text(generate, stories3, capsys, tmp_path):
     out_json = tmp_path / "g.json"
     assert generate.main(["--model-dir", str(stories3), "--prompt", "Once upon a time", "--max-new-tokens", "10",
-                          "--device", "cpu", "--json", str(out_json)]) == 0
+                          "--device", "cpu", "--sdpa-attention", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("---\nOnce upon a time") and "tokens/s" in out
     result = json.loads(out_json.read_text())
-    assert len(result["samples"]) == 1 and len(result["samples"][0]["tokens"]) == 10
+    assert len(result["samples"]) == 1 and len(result["samples"][0]["tokens"]) == 10 and result["sdpa_attention"]
 
 
 def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
@@ -74,7 +74,7 @@ def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
                           "--k-chunk", "64", "--fp16-contrast", "--memory-check", "6", "--contexts", "5,40",
                           "--device", "cpu", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "decode benchmark" in out and "DecDEC on" in out and "whole / windows" in out
+    assert "decode benchmark" in out and "DecDEC on" in out and "ms/token, SDPA, whole cache" in out
     result = json.loads(out_json.read_text())
     names = [r["name"] for r in result["rows"]]
     assert names == ["quantized, DecDEC off", "quantized, DecDEC on", "fp32 dense, this loop",
@@ -82,7 +82,8 @@ def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
     assert result["rows"][1]["slowdown_percent"] is not None and result["rows"][0]["roofline_ms"] is None
     assert result["memory_check"]["tokens"] == 6 and result["memory_check"]["graphs"] == 0  # CPU: eager steps
     assert [r["context"] for r in result["contexts"]] == [5, 40]
-    assert all(r["windows"] > 0 and r["whole cache"] > 0 for r in result["contexts"])
+    assert all(list(r["ms_per_token"]) == ["SDPA, windows", "SDPA, whole cache"] and min(r["ms_per_token"].values()) > 0
+               for r in result["contexts"])  # CPU: no decode kernel
     assert all(v["k_chunk"] == 64 for v in result["decdec"].values())
     assert "k_chunk q_proj 64" in result["rows"][1]["note"]
 

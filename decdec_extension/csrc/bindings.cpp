@@ -244,6 +244,86 @@ Tensor dequantize(const Tensor& qweight, const Tensor& meta, int64_t fmt, int64_
   return out;
 }
 
+void check_attention_operand(const Tensor& t, const char* name, const Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "decdec: ", name, " must be on ", q.device(), ", got ",
+              t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "decdec: ", name, " dtype ", t.scalar_type(), " differs from q ",
+                   q.scalar_type());
+  TORCH_CHECK(t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0,
+              "decdec: ", name, " must have a contiguous last dimension, 4-byte aligned");
+  for (int d = 0; d + 1 < t.dim(); ++d)
+    TORCH_CHECK(t.stride(d) % 2 == 0, "decdec: ", name, " needs even strides, got ", S(t.strides()));
+}
+
+Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                        double scale, const Tensor& counters) {
+  const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
+  const int dt = dtype_code(q);
+  TORCH_CHECK(q.dim() == 3, "decdec: q must be [batch, heads, head_dim], got ", S(q.sizes()));
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(),
+              "decdec: k and v must be [batch, kv_heads, positions, head_dim] alike, got ", S(k.sizes()), " and ",
+              S(v.sizes()));
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "decdec: k ", S(k.sizes()), " does not match q ", S(q.sizes()));
+  TORCH_CHECK(D % 2 == 0 && D <= decdec::kMaxAttentionHeadDim, "decdec: head_dim must be even and at most ",
+              S(int64_t(decdec::kMaxAttentionHeadDim)), ", got ", S(D));
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0 && Hq / Hkv <= decdec::kMaxAttentionGroup, "decdec: ", S(Hq),
+              " query heads over ", S(Hkv), " kv heads: need a whole group of at most ",
+              S(int64_t(decdec::kMaxAttentionGroup)));
+  TORCH_CHECK(B >= 1 && L >= 1 && L < (int64_t(1) << 30), "decdec: empty or too long attention: ", S(k.sizes()));
+  check_attention_operand(q, "q", q);
+  check_attention_operand(k, "k", q);
+  check_attention_operand(v, "v", q);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->is_cuda() && mask->device() == q.device(), "decdec: mask must be on ", q.device());
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "decdec: mask must be bool (true: attend)");
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == L && mask->stride(1) == 1,
+                "decdec: mask must be [", S(B), ", ", S(L), "] with contiguous positions, got ", S(mask->sizes()));
+  }
+  check_cuda(counters, "counters", q);
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kInt, "decdec: counters must be int32");
+  TORCH_CHECK(counters.numel() >= B * Hkv, "decdec: counters needs at least batch x kv_heads = ", S(B * Hkv),
+              " elements, got ", S(counters.numel()));
+
+  decdec::DecodeAttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  p.mask_stride_b = mask.has_value() ? mask->stride(0) : 0;
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_s = k.stride(2);
+  p.v_stride_b = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  p.v_stride_s = v.stride(2);
+  p.scale = float(scale);
+  p.dtype = dt;
+  p.B = int(B);
+  p.q_heads = int(Hq);
+  p.kv_heads = int(Hkv);
+  p.group = int(Hq / Hkv);
+  p.head_dim = int(D);
+  p.S = int(L);
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device());
+  decdec::plan_decode_attention(p, sms);
+  Tensor out = at::empty({B, Hq, D}, q.options());
+  Tensor partial;
+  if (p.splits > 1) {
+    partial = at::empty({B * Hkv * p.splits * p.group * (D + 2)}, q.options().dtype(at::kFloat));
+    p.partial_out = partial.data_ptr<float>();
+    p.partial_ml = p.partial_out + B * Hkv * p.splits * p.group * D;
+  }
+  p.counters = counters.data_ptr<int>();
+  p.out = out.data_ptr();
+  const cudaError_t err = decdec::launch_decode_attention(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "decdec: decode attention launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 // Pinned, mapped, portable host memory as a CPU uint8 tensor; the GPU reads it through the same
 // address (unified addressing), checked here once.
 Tensor alloc_pinned(int64_t nbytes) {
@@ -289,6 +369,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("select_channels", &select_channels);
   m.impl("select_masked", &select_masked);
   m.impl("dequantize", &dequantize);
+  m.impl("decode_attention", &decode_attention);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

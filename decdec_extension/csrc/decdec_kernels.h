@@ -77,4 +77,31 @@ cudaError_t launch_hold_sms(const int* release, int count, double timeout_s, cud
 cudaError_t launch_select_masked(const void* x, int dtype, int T, int K, const float* envelope, int k_chunk,
                                  int k_total, void* out, cudaStream_t stream);
 
+constexpr int kMaxAttentionGroup = 16;    // query heads per kv head
+constexpr int kMaxAttentionHeadDim = 256;
+constexpr int kMaxAttentionSplits = 128;  // blocks per (sequence, kv head)
+
+// Decode attention (attention.cu): out[b, h] = softmax(scale q[b, h] . K[b, h / G, s]) V[b, h / G, s]
+// over the positions s < S where mask[b, s] (all of them without a mask). Strides in elements;
+// the last dimension of every tensor is contiguous.
+struct DecodeAttentionParams {
+  const void* q;  // [B, Hq, D]
+  const void* k;  // [B, Hkv, S, D]
+  const void* v;  // [B, Hkv, S, D]
+  const bool* mask;  // [B, S] or nullptr
+  void* out;         // [B, Hq, D], contiguous
+  float* partial_out;  // [B, Hkv, splits, G, D] fp32 workspace (splits > 1)
+  float* partial_ml;   // [B, Hkv, splits, G, 2] fp32 workspace (splits > 1)
+  int* counters;       // [B * Hkv], zero between launches (each launch leaves it zero)
+  int64_t q_stride_b, q_stride_h, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s, mask_stride_b;
+  float scale;
+  int dtype, B, q_heads, kv_heads, group, head_dim, S;
+  int chunk, splits;  // positions per block and blocks per (sequence, kv head): plan_decode_attention
+};
+
+// Sets p.chunk and p.splits for a GPU of `sms` SMs.
+void plan_decode_attention(DecodeAttentionParams& p, int sms);
+size_t decode_attention_smem_bytes(const DecodeAttentionParams& p);
+cudaError_t launch_decode_attention(const DecodeAttentionParams& p, cudaStream_t stream);
+
 }  // namespace decdec

@@ -9,6 +9,8 @@ graph serves every position of an *attention window*: the decode step attends ov
 positions of the cache only (W: a power-of-two multiple of ``window_base`` that covers the
 position, or the whole cache), since the positions not written yet are masked anyway. Attention
 then reads what the context holds rather than the whole cache, and each window has its graph.
+On CUDA, decode steps run their attention through DecDEC's decode kernel (``decdec.attention``)
+rather than SDPA, which also skips the positions not written yet.
 
 The graph is captured for the DecDEC settings in force (mode, k_chunk, n_tb of every selection
 group); changing them re-captures it on the next step. A model whose decode step cannot be
@@ -28,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .attention import implementation_for
 from .prepared import selection_groups
 
 
@@ -119,10 +122,13 @@ class DecodeSession:
 
     ``window_base``: the smallest attention window (module docstring); None attends over the whole
     cache at every position.
+
+    ``decode_attention``: run attention through ``decdec.attention`` (default: on CUDA when the
+    extension is built) rather than SDPA; a model on another implementation keeps it.
     """
 
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, compile: bool = False,
-                 window_base: int | None = 512):
+                 window_base: int | None = 512, decode_attention: bool | None = None):
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
         if window_base is not None and window_base < 1:
@@ -132,6 +138,7 @@ class DecodeSession:
         self.groups = selection_groups(model)  # looked up once: a module walk per token would cost
         self.max_len = max_len
         self.window_base = window_base
+        self.attention = implementation_for(model, decode_attention)  # set on the model before each forward
         self.cache = StaticCache(config=_cache_config(model.config, max_len), max_cache_len=max_len)
         # sliding-window layers keep their own attention span; the others get windows
         self._windowed = [layer for layer in self.cache.layers if type(layer) is StaticLayer] if window_base else []
@@ -152,6 +159,11 @@ class DecodeSession:
         self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     # ------------------------------------------------------------ model calls
+
+    def _use_attention(self) -> None:
+        # the implementation is a model-wide setting; sessions that share a model may differ
+        if self.model.config._attn_implementation != self.attention:
+            self.model.config._attn_implementation = self.attention
 
     def _forward(self, input_ids: Tensor) -> Tensor:
         out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
@@ -246,6 +258,7 @@ class DecodeSession:
         if input_ids.shape[1] >= self.max_len:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens does not fit a cache of {self.max_len}")
         self.cache.reset()
+        self._use_attention()
         self._set_window(input_ids.shape[1])
         logits = self._forward(input_ids.to(self.device))
         self._length = input_ids.shape[1]
@@ -258,6 +271,7 @@ class DecodeSession:
         if self._length >= self.max_len:
             raise ValueError(f"the cache of {self.max_len} positions is full")
         self._input.copy_(token)
+        self._use_attention()
         window = self._set_window(self._length + 1)
         self._length += 1
         if self._ensure_graph(window):

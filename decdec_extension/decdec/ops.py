@@ -21,6 +21,9 @@ implementation of ``select_channels`` (:func:`cpu_selection_available`). Weights
   DecDEC selection and 0 elsewhere (the input of the compensated product of evaluation).
 - ``dequantize(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype) -> [N, K]``:
   the dense weight (prefill path), equal to ``weight.dequantize().to(dtype)``.
+- ``decode_attention(q [B, Hq, D], k [B, Hkv, S, D], v, mask? bool [B, S], scale, counters) -> [B, Hq, D]``:
+  one query token per sequence against a KV cache (``decdec.attention``); ``counters`` is a zeroed
+  int32 workspace of at least B x Hkv elements that every call leaves zeroed.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ _lib.define("select_channels(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
 _lib.define("select_masked(Tensor x, Tensor envelope, int k_chunk) -> Tensor")
 _lib.define("dequantize(Tensor qweight, Tensor meta, int fmt, int bits, int group_size, int out_features, "
             "int in_features, ScalarType dtype) -> Tensor")
+_lib.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor counters) -> Tensor")
 
 
 @torch.library.register_fake("decdec::gemv")
@@ -74,6 +78,12 @@ def _select_masked_fake(x, envelope, k_chunk):
 @torch.library.register_fake("decdec::dequantize")
 def _dequantize_fake(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype):
     return qweight.new_empty(out_features, in_features, dtype=dtype)
+
+
+@torch.library.register_fake("decdec::decode_attention")
+def _decode_attention_fake(q, k, v, mask, scale, counters):
+    torch._check(q.dim() == 3, lambda: f"q must be [batch, heads, head_dim], got {tuple(q.shape)}")
+    return q.new_empty(q.shape)
 
 
 def _load_extension(name: str) -> bool:
@@ -151,3 +161,7 @@ def select_masked(x: Tensor, envelope: Tensor, k_chunk: int) -> Tensor:
 def dequantize(qweight: Tensor, meta: Tensor, fmt: int, bits: int, group_size: int, out_features: int,
                in_features: int, dtype: torch.dtype) -> Tensor:
     return torch.ops.decdec.dequantize(qweight, meta, fmt, bits, group_size, out_features, in_features, dtype)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, counters: Tensor) -> Tensor:
+    return torch.ops.decdec.decode_attention(q, k, v, mask, scale, counters)
