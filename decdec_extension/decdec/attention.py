@@ -24,10 +24,9 @@ from . import ops
 NAME = "decdec"
 MAX_GROUP = 16  # query heads per kv head (csrc/decdec_kernels.h)
 MAX_HEAD_DIM = 256
-COUNTERS = 1024  # (sequence, kv head) pairs one call can take without a larger workspace
+COUNTERS = 1024  # (sequence, kv head) pairs one call can take; more go to SDPA
 
 _counters: dict[torch.device, Tensor] = {}
-_retired: list[Tensor] = []  # smaller workspaces that captured CUDA graphs may still use
 
 
 def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -43,15 +42,12 @@ def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
     return torch.einsum("bhgs,bhsd->bhgd", weights, v.float()).reshape(B, Hq, D).to(q.dtype)
 
 
-def counters(device: torch.device, needed: int = COUNTERS) -> Tensor:
-    """The zeroed int32 workspace of the kernel on ``device`` (every call leaves it zeroed), made
-    before any capture or compilation reaches it."""
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < needed:
-        if buf is not None:
-            _retired.append(buf)
-        buf = _counters[device] = torch.zeros(max(needed, COUNTERS), dtype=torch.int32, device=device)
-    return buf
+def counters(device: torch.device) -> Tensor:
+    """The zeroed int32 workspace of the kernel on ``device`` (every call leaves it zeroed); made
+    once, before any capture or compilation reaches it, and kept for the graphs that use it."""
+    if device not in _counters:
+        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def kernel_takes(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -74,8 +70,7 @@ def kernel_takes(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
             return False
         if attention_mask.shape[0] != B or attention_mask.shape[-1] != S or attention_mask.stride(-1) != 1:
             return False
-    workspace = _counters.get(query.device)
-    return workspace is not None and B * Hkv <= workspace.numel()
+    return query.device in _counters and B * Hkv <= COUNTERS
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
