@@ -6,8 +6,10 @@
 // attention reads K and V once), keeps an online softmax over it and writes an unnormalized
 // partial output; the last block of a (kv head, sequence) to finish (a counter that it leaves at
 // zero again) merges the partials in split order, so the result does not depend on timing.
-// Positions the mask excludes are never read, so a cache longer than the context costs only its
-// mask. Scores and sums in fp32; softmax in base 2 (the query is scaled by scale * log2 e).
+// Positions the mask excludes are never read: a tile with none to attend costs its mask and a
+// barrier. (The split is planned on the cache's length, which is all the host knows, so a short
+// context in a long cache lands on few blocks: attention windows keep the cache short.) Scores and
+// sums in fp32; softmax in base 2 (the query is scaled by scale * log2 e).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
