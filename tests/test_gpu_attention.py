@@ -38,7 +38,8 @@ def inputs(batch, heads, kv_heads, head_dim, positions, dtype, seed, cache=None)
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (9, 3, 64), (8, 1, 256), (32, 32, 96),
-                                                       (16, 1, 80), (4, 2, 16)])
+                                                       (16, 1, 80), (4, 2, 16),
+                                                       (16, 1, 256)])  # > 48 KB of shared memory
 def test_matches_reference(dtype, heads, kv_heads, head_dim):
     for batch, positions in ((1, 1), (1, 300), (3, 64), (1, 5000), (2, 777)):
         q, k, v = inputs(batch, heads, kv_heads, head_dim, positions, dtype, seed=positions + head_dim)
