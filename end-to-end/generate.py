@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--contexts {args.contexts!r}: expected comma-separated integers")
         if not args.bench or min(args.contexts) < 1:
             p.error("--contexts needs --bench and positive lengths")
+    args.decode_attention = False if args.sdpa_attention else None  # DecodeSession's setting (None: default)
     return args
 
 
@@ -236,7 +237,7 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     roof = 1e3 * quantized_roofline_bytes(model) / bw if bw else None
     configs = [("quantized, DecDEC off", [("none", k, n_tb) for _, k, n_tb in settings_of(model)], "")]
     configs += bench_settings(args, model)
-    attention = False if args.sdpa_attention else None
+    attention = args.decode_attention
     sessions = [DecodeSession(model, max_len, cuda_graph=graph, compile=args.compile, decode_attention=attention)
                 for _ in configs]  # one graph per setting
     times: list[list[GenerationResult]] = [[] for _ in configs]
@@ -255,8 +256,7 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     out = {"memory_bandwidth_GBps": bw / GB if bw else None, "roofline_bytes": quantized_roofline_bytes(model),
            "repeats": repeats, "runs_ms_per_token": {name: [r.ms_per_token for r in t] for (name, _, _), t in zip(configs, times)},
            "graph_errors": {configs[j][0]: s.graph_error for j, s in enumerate(sessions) if s.graph_error}}
-    # the memory check runs before the profiler has been in this process
-    apply_settings(model, configs[-1][1])
+    # the memory check runs before the profiler has been in this process (the last setting timed is in force)
     if args.memory_check:
         out["memory_check"] = memory_check(model, ids, args.memory_check, graph, attention)
     if args.contexts:
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             print(profile_table(result["profile"]))
     else:
         session = DecodeSession(model, ids.shape[1] + args.max_new_tokens, cuda_graph=graph, compile=args.compile,
-                                decode_attention=False if args.sdpa_attention else None)
+                                decode_attention=args.decode_attention)
         result.update(run_generate(args, model, tokenizer, ids, session))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
