@@ -9,6 +9,8 @@ per call. Batch 1. Writes JSON (--out) and prints a table. --given-channels pass
 precomputed (the path of the static/random modes), which isolates the cost of selecting on the GPU;
 --residual-on-gpu reads the residual rows from device memory instead of pinned host memory, which
 isolates the cost of the PCIe round trip (a diagnosis: DecDEC keeps them on the host).
+--scales-on-host reads the residual scales from pinned host memory with the rows instead of from
+device memory (the setting ``SelectionGroup.scales_on_host``; run with and without it to compare).
 
     python decdec_extension/bench_dec.py --out runs/bench_dec.json
 """
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from bench_gemv import SHAPES, VARIANTS, copies_for, random_gpu_weight, time_rotated, weight_bytes
 from decdec import ops
+from decdec.kernels import pinned_copy
 from decdec.selection import num_selected, rank_envelope
 from decdec.timing import device_name, l2_cache_bytes, memory_bandwidth, pcie_bandwidth
 
@@ -33,7 +36,7 @@ SLOWDOWN = 1.025
 
 
 def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_channels: bool = False,
-          residual_on_gpu: bool = False) -> dict:
+          residual_on_gpu: bool = False, scales_on_host: bool = False) -> dict:
     device = torch.device("cuda")
     l2 = l2_cache_bytes(device)
     mem_bw, pcie_bw = memory_bandwidth(device), pcie_bandwidth(device)
@@ -48,6 +51,8 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_c
         host.view(torch.int32).random_()  # any nibble pattern is a valid residual
         residual = host.to(device) if residual_on_gpu else host
         scales = (torch.rand(n, device=device) * 1e-3).half()
+        if scales_on_host:
+            scales = pinned_copy(scales)
         mailbox = ops.new_mailbox(1, n, device)
         w0 = random_gpu_weight(fmt, bits, k, n, device)
         ws = [w0] + [random_gpu_weight(fmt, bits, k, n, device) for _ in range(copies_for(weight_bytes(w0), l2) - 1)]
@@ -75,12 +80,13 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_c
         if 0 in k_chunks:
             row["k0_cost_us"] = best[k_chunks.index(0)] - row["base_us"]
         rows.append(row)
-        del ws, host, residual
+        del ws, host, residual, scales
         torch.cuda.empty_cache()
     return {"device": device_name(device), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mem_TBps": mem_bw / 1e12,
             "pcie_GBps": pcie_bw / 1e9, "R_bw": r_bw, "n_tb": n_tbs, "k_chunk": k_chunks,
-            "given_channels": given_channels, "residual_on_gpu": residual_on_gpu, "rows": rows}
+            "given_channels": given_channels, "residual_on_gpu": residual_on_gpu, "scales_on_host": scales_on_host,
+            "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -89,7 +95,9 @@ def table(result: dict) -> str:
              f"{result['mem_TBps']:.2f} TB/s, pinned memcpy {result['pcie_GBps']:.1f} GB/s, R_bw {result['R_bw']:.1f}",
              "us per call, best n_tb of " + str(result["n_tb"]) +
              (", selection precomputed (--given-channels)" if result.get("given_channels") else "") +
-             (", residual rows in device memory (--residual-on-gpu)" if result.get("residual_on_gpu") else ""),
+             (", residual rows in device memory (--residual-on-gpu)" if result.get("residual_on_gpu") else "") +
+             (", residual scales in pinned host memory (--scales-on-host)" if result.get("scales_on_host")
+              else ", residual scales in device memory"),
              "| linear | fmt | base | " + " | ".join(f"k={k}" for k in ks) +
              " | fixed cost (k=1) | max fetch GB/s | knee measured / analytic |",
              "|---" * (len(ks) + 6) + "|"]
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="pass the selection precomputed instead of selecting in the kernel")
     parser.add_argument("--residual-on-gpu", action="store_true",
                         help="read the residual rows from device memory (isolates the PCIe round trip)")
+    parser.add_argument("--scales-on-host", action="store_true",
+                        help="read the residual scales from pinned host memory with the rows (default: device memory)")
     parser.add_argument("--out", type=Path, default=Path("bench_dec.json"), help="JSON output path")
     args = parser.parse_args(argv)
     try:
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--formats: choose from {sorted(names)}")
     if not ops.available():
         sys.exit("needs a CUDA device and the compiled extension decdec._C")
-    result = bench([names[f] for f in fmts], n_tbs, k_chunks, args.repeats, args.given_channels, args.residual_on_gpu)
+    result = bench([names[f] for f in fmts], n_tbs, k_chunks, args.repeats, args.given_channels, args.residual_on_gpu,
+                   args.scales_on_host)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--k-chunk", help="k_chunk for every kind (e.g. 8) or per kind (e.g. o_proj=4,down_proj=16)")
     g.add_argument("--no-decdec", action="store_true", help="plain quantized model (mode none)")
     g.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    g.add_argument("--scales-on-host", action="store_true",
+                   help="DEC reads the residual scales from pinned host memory with the rows (default: from the GPU)")
     g.add_argument("--sdpa-attention", action="store_true",
                    help="decode steps use transformers' SDPA instead of DecDEC's decode-attention kernel (CUDA)")
     g.add_argument("--compile", action="store_true",
@@ -470,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model_dir = resolve_model_dir(args)
     model, tokenizer = load_for_generation(model_dir, args.device, args.dtype, args.no_decdec, args.k_chunk)
+    decdec.configure(model, scales_on_host=args.scales_on_host)
     device = torch.device(args.device)
     ids = prompt_ids(args, tokenizer, model.config.vocab_size)
     graph = device.type == "cuda" and not args.no_cuda_graph
@@ -477,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model_dir": str(model_dir), "device": device_name(device), "dtype": str(next(model.parameters()).dtype),
               "compile": args.compile, "sdpa_attention": args.sdpa_attention,
               "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens, "tuned_config": tuned,
-              "decdec": {g.kind: {"mode": g.mode, "k_chunk": g.k_chunk, "n_tb": g.n_tb}
-                         for g in decdec.selection_groups(model)}}
+              "decdec": {g.kind: {"mode": g.mode, "k_chunk": g.k_chunk, "n_tb": g.n_tb,
+                                  "scales_on_host": g.scales_on_host} for g in decdec.selection_groups(model)}}
     print(f"model {model_dir} on {result['device']} ({result['dtype']}); DecDEC "
           + ("off" if args.no_decdec else ", ".join(f"{k}: k_chunk {v['k_chunk']}" for k, v in result["decdec"].items()))
           + (" (tuned config)" if tuned and args.k_chunk is None and not args.no_decdec else ""), file=sys.stderr)
@@ -486,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         result.update(run_bench(args, model, tokenizer, ids, graph))
         print(f"\ndecode benchmark, batch 1, {ids.shape[1]} prompt + {args.max_new_tokens} new tokens, "
               f"{result['device']}" + (f", memory bandwidth {result['memory_bandwidth_GBps']:.0f} GB/s"
-                                       if result["memory_bandwidth_GBps"] else ""))
+                                       if result["memory_bandwidth_GBps"] else "")
+              + (", residual scales in pinned host memory" if args.scales_on_host else ""))
         print(bench_table(result["rows"]))
         if "memory_check" in result:
             print(memory_check_line(result["memory_check"]))

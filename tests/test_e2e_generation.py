@@ -190,5 +190,7 @@ def test_cuda_graph_decode_equals_eager(tmp_path, mode, k_chunk):
         logits.append(torch.stack([session.step(torch.tensor([[t]], device="cuda")).float().clone()
                                    for t in tokens[:40]]))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-2, atol=1e-2)
+    decdec.configure(model, scales_on_host=True)  # re-captured; the same scales, read from the host
+    assert graph.generate(prompt, NEW + 20).tokens == result.tokens and graph.graph_error is None
     decdec.configure(model, k_chunk=0)  # a settings change re-captures
     assert graph.generate(prompt, 4).cuda_graph and graph.graph_error is None

@@ -68,6 +68,15 @@ def test_generate_prints_text(generate, stories3, capsys, tmp_path):
     assert len(result["samples"]) == 1 and len(result["samples"][0]["tokens"]) == 10 and result["sdpa_attention"]
 
 
+def test_generate_sets_scales_on_host(generate, stories3, tmp_path):
+    out_json = tmp_path / "g.json"
+    for flags, expected in (([], False), (["--scales-on-host"], True)):
+        assert generate.main(["--model-dir", str(stories3), "--max-new-tokens", "2", "--device", "cpu",
+                              "--json", str(out_json), *flags]) == 0
+        kinds = json.loads(out_json.read_text())["decdec"].values()
+        assert kinds and all(v["scales_on_host"] is expected for v in kinds)
+
+
 def test_generate_bench_on_synthetic(generate, synthetic, capsys, tmp_path):
     out_json = tmp_path / "bench.json"
     assert generate.main(["--synthetic", "tiny", "--synthetic-dir", str(synthetic), "--bench", "--max-new-tokens", "3",

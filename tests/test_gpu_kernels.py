@@ -151,11 +151,14 @@ class Layer:
         self.bias_dev = {dt: self.bias.to(DEV, dt) for dt in (torch.float16, torch.bfloat16)} if bias else None
         self.n, self.k = n, k
 
-    def run(self, x: torch.Tensor, k_chunk: int, n_tb: int = 8, channels: torch.Tensor | None = None):
+    def run(self, x: torch.Tensor, k_chunk: int, n_tb: int = 8, channels: torch.Tensor | None = None,
+            scales: torch.Tensor | None = None):
+        """``scales``: the residual scales to read (default: the copy on the GPU)."""
         g, r = self.gw, self.res
         bias = None if self.bias is None else self.bias_dev[x.dtype]
         return ops.gemv_dec(x, g.qweight, g.meta, bias, g.fmt, g.bits, g.group_size, g.out_features, g.in_features,
-                            self.env_dev, channels, k_chunk, r.ptr, r.stride, r.scales, n_tb, self.mailbox)
+                            self.env_dev, channels, k_chunk, r.ptr, r.stride, r.scales if scales is None else scales,
+                            n_tb, self.mailbox)
 
     def reference(self, x: torch.Tensor, k_chunk: int) -> torch.Tensor:
         xc = x.cpu()
@@ -195,6 +198,26 @@ def test_correction_alone(dtype):
         assert torch.equal(layer.run(x, k_chunk, n_tb=7, channels=chans), out)
 
 
+@pytest.mark.parametrize("fmt,bits", [("uniform", 3), ("uniform", 4), ("lut", 3), ("lut", 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scales_on_host_give_the_device_scales_output(fmt, bits, dtype):
+    """Scales read from pinned host memory (plain loads) give the output of the scales on the GPU
+    (cp.async) bit for bit: selected and given channels, a block's last scales not a multiple of 8
+    (the 16-byte loads' tail), and 9004 outputs in one DEC block (two passes of staged scales)."""
+    for (n, k), n_tbs in (((1004, 2600), (1, 3, 16)), ((9004, 1024), (1, 7))):
+        layer = Layer(fmt, bits, n, k)
+        for batch in (1, 3):
+            x = torch.randn(batch, k, device=DEV).to(dtype)
+            for k_chunk in (1, 8, 64):
+                given = select_channels(x.cpu(), k_chunk, layer.env).to(DEV)
+                for n_tb in n_tbs:
+                    for channels in (None, given):
+                        on_gpu = layer.run(x, k_chunk, n_tb, channels)
+                        poison((batch, n), dtype)
+                        on_host = layer.run(x, k_chunk, n_tb, channels, scales=layer.res.host_scales)
+                        assert torch.equal(on_host, on_gpu), (n, batch, k_chunk, n_tb, channels is None)
+
+
 def test_repeated_runs_are_bitwise_identical():
     layer = Layer("uniform", 3, 4096, 4096)
     x = torch.randn(4, 4096, device=DEV).half()
@@ -204,23 +227,25 @@ def test_repeated_runs_are_bitwise_identical():
     assert torch.equal(layer.mailbox, torch.zeros_like(layer.mailbox))
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("scales_on_host", [False, True])
+def test_cuda_graph_capture_and_replay(scales_on_host):
     layer = Layer("uniform", 4, 1000, 4096)
+    scales = layer.res.host_scales if scales_on_host else layer.res.scales
     x = torch.randn(2, 4096, device=DEV).half()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        layer.run(x, 8)  # warm up outside the capture
+        layer.run(x, 8, scales=scales)  # warm up outside the capture
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = layer.run(x, 8)
+        out = layer.run(x, 8, scales=scales)
         base = layer.gw.gemv(x, None)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, layer.run(x, 8))
+        assert torch.equal(out, layer.run(x, 8))  # eager, the scales on the GPU
         assert torch.equal(base, layer.gw.gemv(x, None))
 
 
@@ -239,10 +264,12 @@ def test_kernels_correct_with_sms_held():
     assert torch.equal(base, base_ref) and torch.equal(dec, dec_ref)
 
 
-def test_torch_compile():
+@pytest.mark.parametrize("scales_on_host", [False, True])
+def test_torch_compile(scales_on_host):
     layer = Layer("lut", 3, 256, 1024)
+    scales = layer.res.host_scales if scales_on_host else layer.res.scales
     x = torch.randn(1, 1024, device=DEV).half()
-    fn = torch.compile(lambda x: layer.run(x * 2, 8) + 1, fullgraph=True)
+    fn = torch.compile(lambda x: layer.run(x * 2, 8, scales=scales) + 1, fullgraph=True)
     assert torch.equal(fn(x), layer.run(x * 2, 8) + 1)
 
 
@@ -266,6 +293,11 @@ def test_argument_checks_raise():
         layer.run(x, 1025)
     with pytest.raises((RuntimeError, ValueError), match="n_tb"):
         layer.run(x, 8, n_tb=0)
+    with pytest.raises((RuntimeError, ValueError), match="pinned host memory; got a tensor on cpu that is not pinned"):
+        layer.run(x, 8, scales=layer.res.scales.cpu())
+    misaligned = kernels.pinned_copy(torch.zeros(65, dtype=torch.float16))[1:]
+    with pytest.raises((RuntimeError, ValueError), match="16-byte aligned"):
+        layer.run(x, 8, scales=misaligned)
     with pytest.raises((RuntimeError, ValueError), match="qweight"):
         ops.gemv(x, g.qweight[:-1], g.meta, None, g.fmt, g.bits, g.group_size, g.out_features, g.in_features)
 
@@ -289,6 +321,23 @@ def test_decdec_linear_uses_kernels(mode):
     assert prefill.shape == (2, 16, n)
     assert rel_err(prefill.float(), xp.float() @ q.dequantize().t() + layer.bias.float().cpu()) < 3e-3
     assert decdec.cuda_available()
+
+
+def test_scales_on_host_setting_keeps_the_output():
+    """SelectionGroup.scales_on_host switches a layer between the two copies of its scales at run
+    time: the same output, nothing made again."""
+    n, k = 300, 2100
+    w = torch.randn(n, k)
+    q = UniformWeight.quantize(w, 3, 128)
+    group = SelectionGroup("o_proj", rank_envelope(torch.randn(64, k)), mode="decdec", k_chunk=16)
+    layer = DecDECLinear(q, torch.randn(n), quantize_residual(w - q.dequantize()), group).to(DEV)
+    x = torch.randn(3, k, device=DEV).half()
+    on_gpu = layer(x)
+    state = layer._gpu
+    group.scales_on_host = True
+    assert torch.equal(layer(x), on_gpu)
+    assert layer._gpu is state, "the setting rebuilt the GPU state"
+    assert layer.residual.scales.data_ptr() == state.residual.host_scales.data_ptr()  # the host keeps one copy
 
 
 @pytest.mark.parametrize("mode", ["decdec", "full"])

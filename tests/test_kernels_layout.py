@@ -88,6 +88,33 @@ def test_fake_implementations_give_shapes():
         assert dense.shape == (40, 600) and dense.dtype == torch.bfloat16
 
 
+def test_fake_gemv_dec_takes_scales_in_host_memory():
+    """Residual scales in (pinned) host memory beside CUDA operands, as under scales_on_host: the
+    fake implementation that torch.compile traces gives the output on x's device."""
+    with FakeTensorMode():
+        x = torch.empty(3, 600, dtype=torch.float16, device="cuda")
+        qw = torch.empty(10, dtype=torch.int32, device="cuda")
+        meta = torch.empty(5, 48, dtype=torch.int32, device="cuda")
+        env, mailbox = torch.empty(600, device="cuda"), torch.empty(120, dtype=torch.int64, device="cuda")
+        out = torch.ops.decdec.gemv_dec(x, qw, meta, None, 0, 3, 128, 40, 600, env, None, 8, 1, 32,
+                                        torch.empty(40, dtype=torch.float16), 4, mailbox)
+        assert out.shape == (3, 40) and out.device == x.device
+
+
+def test_pinned_residual_keeps_the_scales_on_both_sides(monkeypatch):
+    """pin_residuals, with plain host memory standing in for pinned memory: the scales of the
+    linears side by side on the device and in host memory, the latter shared by the linears' views."""
+    from decdec.residual import quantize_residual
+    monkeypatch.setattr(ops, "alloc_pinned", lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    packs = [quantize_residual(torch.randn(n, 96)) for n in (32, 48)]
+    r, views = kernels.pin_residuals(packs, torch.device("cpu"))
+    expected = torch.cat([p.scales for p in packs])
+    assert torch.equal(r.scales, expected) and torch.equal(r.host_scales, expected)
+    assert views[1].scales.data_ptr() == r.host_scales[32:].data_ptr()
+    for view, pack in zip(views, packs):
+        assert torch.equal(view.scales, pack.scales) and torch.equal(view.packed, pack.packed)
+
+
 def test_ops_report_missing_extension_clearly():
     if ops.available():
         pytest.skip("the extension is available here")

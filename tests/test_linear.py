@@ -73,6 +73,20 @@ def test_group_selects_once_per_input_tensor():
         decdec.linear.select = original
 
 
+def test_scales_on_host_is_a_run_time_setting_off_by_default():
+    """Where the CUDA path reads the residual scales: off (the GPU) by default, shown in the repr,
+    part of what a captured decode step depends on; the reference path reads the same scales."""
+    from decdec.generation import decdec_settings
+    layer, *_ = make_layer()
+    group = layer.selection
+    assert group.scales_on_host is False and "scales_on_host=False" in repr(group)
+    x = torch.randn(1, 1, 2048)
+    out, settings = layer(x), decdec_settings([group])
+    group.scales_on_host = True
+    assert decdec_settings([group]) != settings
+    assert torch.equal(layer(x), out)
+
+
 def test_configure_validates():
     layer, *_ = make_layer()
     with pytest.raises(ValueError, match="k_chunk"):

@@ -158,10 +158,23 @@ Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, cons
   TORCH_CHECK(residual_stride % 16 == 0 && residual_stride * 2 >= N,
                     "decdec: residual_stride must be a multiple of 16 bytes holding ", S(N), " nibbles, got ",
                     S(residual_stride));
-  check_cuda(residual_scales, "residual_scales", x);
+  // The scales are read where they are: on x's device, or in pinned host memory (the setting
+  // SelectionGroup.scales_on_host), which the kernel reads at the same address, as it does the rows
+  // (unified addressing).
+  const bool scales_on_host = !residual_scales.is_cuda();
+  if (scales_on_host) {
+    TORCH_CHECK(residual_scales.is_cpu() && residual_scales.is_pinned(), "decdec: residual_scales must be on ",
+                x.device(), " (x's device) or in pinned host memory; got a tensor on ", residual_scales.device(),
+                residual_scales.is_cpu() ? " that is not pinned" : "");
+    TORCH_CHECK(residual_scales.is_contiguous(), "decdec: residual_scales must be contiguous");
+  } else {
+    check_cuda(residual_scales, "residual_scales", x);
+  }
   TORCH_CHECK_TYPE(residual_scales.scalar_type() == at::kHalf, "decdec: residual_scales must be float16");
   TORCH_CHECK(residual_scales.dim() == 1 && residual_scales.size(0) == N, "decdec: residual_scales must be [", S(N),
                     "]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(residual_scales.data_ptr()) % 16 == 0,
+              "decdec: residual_scales must be 16-byte aligned (the kernel copies them 16 bytes at a time)");
   check_cuda(mailbox, "mailbox", x);
   TORCH_CHECK_TYPE(mailbox.scalar_type() == at::kLong, "decdec: mailbox must be int64");
   TORCH_CHECK(mailbox.is_contiguous() && mailbox.numel() >= x.size(0) * N,
@@ -192,6 +205,7 @@ Tensor gemv_dec(const Tensor& x, const Tensor& qweight, const Tensor& meta, cons
   p.residual = reinterpret_cast<const uint8_t*>(residual_ptr);
   p.res_stride = residual_stride;
   p.res_scales = residual_scales.data_ptr();
+  p.res_scales_on_host = scales_on_host;
   p.mailbox = reinterpret_cast<unsigned long long*>(mailbox.data_ptr<int64_t>());
   TORCH_CHECK(decdec::gemv_smem_bytes(p) <= 227 * 1024, "decdec: ", S(k_total),
                     " selected channels need more shared memory than a block has; lower k_chunk");

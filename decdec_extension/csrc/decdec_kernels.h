@@ -48,7 +48,8 @@ struct GemvParams {
   const int64_t* channels;   // [B, k_total] given selection, or nullptr (select on the GPU)
   const uint8_t* residual;   // mapped pinned host memory [K, res_stride] (device-visible pointer)
   int64_t res_stride;        // bytes per residual row, a multiple of 16
-  const void* res_scales;    // fp16 [N] on the device
+  const void* res_scales;    // fp16 [N] on the device, or in mapped pinned host memory:
+  bool res_scales_on_host;   // the latter (staged with plain loads, see dec_block)
   // [B, N] tagged corrections, zero between calls (each call leaves it zero): a DEC block stores
   // (fp32 bits | 1 << 32) in one 8-byte store, the GEMV block owning the output waits for the tag,
   // adds the value and stores 0 back

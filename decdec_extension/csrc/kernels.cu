@@ -422,12 +422,18 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   const int groups = kThreads / pr_count;  // thread groups splitting the selected rows
   // The scales of a pass (pr_count pieces of 32 outputs) are copied to shared memory
   // asynchronously: the first pass's while the block selects, so they are there when needed.
+  // Scales in mapped host memory take plain 16-byte loads instead (read once per call, like the
+  // rows): whether cp.async may read host memory is not documented.
   auto stage_scales = [&](int pb) {
     const int first = (p0 + pb) * 32, count = min(min(pr_count, np - pb) * 32, p.N - first);
     for (int i = tid; i * 8 < count; i += kThreads) {
       if (i * 8 + 8 <= count) {
-        const unsigned dst = unsigned(__cvta_generic_to_shared(pass_scales + i * 8));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(scales + first + i * 8));
+        if (p.res_scales_on_host) {
+          *reinterpret_cast<uint4*>(pass_scales + i * 8) = *reinterpret_cast<const uint4*>(scales + first + i * 8);
+        } else {
+          const unsigned dst = unsigned(__cvta_generic_to_shared(pass_scales + i * 8));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(scales + first + i * 8));
+        }
       } else {
         for (int j = i * 8; j < count; ++j) pass_scales[j] = scales[first + j];
       }

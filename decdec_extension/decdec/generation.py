@@ -12,10 +12,10 @@ then reads what the context holds rather than the whole cache, and each window h
 On CUDA, decode steps run their attention through DecDEC's decode kernel (``decdec.attention``)
 rather than SDPA, which also skips the positions not written yet.
 
-The graph is captured for the DecDEC settings in force (mode, k_chunk, n_tb of every selection
-group); changing them re-captures it on the next step. A model whose decode step cannot be
-captured (say, the reference DecDEC path on CUDA, which reads host memory synchronously) falls
-back to eager steps with a warning. On CPU every step is eager.
+The graph is captured for the DecDEC settings in force (mode, k_chunk, n_tb, scales_on_host of
+every selection group); changing them re-captures it on the next step. A model whose decode step
+cannot be captured (say, the reference DecDEC path on CUDA, which reads host memory
+synchronously) falls back to eager steps with a warning. On CPU every step is eager.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class GenerationResult:
 
 def decdec_settings(groups: list) -> tuple:
     """What a captured decode step depends on besides its inputs: every group's selection settings."""
-    return tuple((g.mode, g.k_chunk, g.n_tb) for g in groups)
+    return tuple((g.mode, g.k_chunk, g.n_tb, g.scales_on_host) for g in groups)
 
 
 def _cache_config(config, max_len: int):

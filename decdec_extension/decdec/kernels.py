@@ -7,6 +7,8 @@ when a layer first runs on a CUDA device:
   with code 0, plus its meta (uniform: scale | zero << 16 per group and row; LUT: the tables);
 - the residual rows into pinned, mapped host memory with rows padded to 16 bytes, which the DEC
   thread blocks read directly (zero-copy); the module's ResidualPack is replaced by a view of it.
+  The per-output scales are kept twice, on the GPU and in pinned host memory: the selection
+  group's run-time setting ``scales_on_host`` picks which one the DEC blocks read.
 The linears of a selection group (q/k/v, gate/up) are converted side by side, outputs
 concatenated, and run as one launch: one weight stream, one selection, one residual fetch.
 Decode-equivalent evaluation (every token of a long input compensated) is one cuBLAS product per
@@ -50,10 +52,14 @@ class GPUWeight:
 
 @dataclass
 class GPUResidual:
+    """The residual of a launch: rows in pinned host memory, scales both on the device and in
+    pinned host memory (fetched with the rows, zero-copy, under ``SelectionGroup.scales_on_host``),
+    so that switching between the two uploads nothing."""
     host: Tensor  # uint8 [in, stride] pinned + mapped; keeps the memory alive
     ptr: int  # its device-visible address (a plain int, so torch.compile traces no data_ptr())
     stride: int  # bytes per row, a multiple of 16
     scales: Tensor  # fp16 [out] on the device
+    host_scales: Tensor  # fp16 [out] pinned + mapped (the same values)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -124,11 +130,18 @@ def to_gpu_weight(weight: QuantizedWeight, device: torch.device) -> GPUWeight:
     raise TypeError(f"no GPU layout for {type(weight).__name__}")
 
 
+def pinned_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` in pinned, mapped host memory (the GPU reads it at ``data_ptr()``)."""
+    out = ops.alloc_pinned(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def pin_residuals(packs: list[ResidualPack], device: torch.device) -> tuple[GPUResidual, list[ResidualPack]]:
-    """Copies the residual rows of one or more linears with the same input, side by side (their
-    outputs concatenated), into pinned mapped memory with rows padded to 16 bytes; returns the GPU
-    handle and one ResidualPack per linear viewing the same memory (for the reference path), so the
-    host keeps one copy."""
+    """Copies the residual rows and scales of one or more linears with the same input, side by side
+    (their outputs concatenated), into pinned mapped memory with rows padded to 16 bytes, and the
+    scales to ``device`` too; returns the GPU handle and one ResidualPack per linear viewing the
+    pinned memory (for the reference path), so the host keeps one copy."""
     for pack in packs:
         pack.validate()
     rows = packs[0].packed.shape[0]
@@ -140,13 +153,14 @@ def pin_residuals(packs: list[ResidualPack], device: torch.device) -> tuple[GPUR
     stride = _round_up(sum(widths), 16)
     host = ops.alloc_pinned(rows * stride).view(rows, stride)
     host.fill_(0x88)  # nibble 8 = residual 0 in the padding
-    views, col = [], 0
+    host_scales = pinned_copy(torch.cat([p.scales.cpu() for p in packs]))  # fp16: validated
+    views, col, first = [], 0, 0
     for pack, width in zip(packs, widths):
         host[:, col:col + width] = pack.packed.cpu()
-        views.append(ResidualPack(host[:, col:col + width], pack.scales.cpu()))
+        views.append(ResidualPack(host[:, col:col + width], host_scales[first:first + pack.out_features]))
         col += width
-    scales = torch.cat([p.scales.to(device=device, dtype=torch.float16) for p in packs])
-    return GPUResidual(host, host.data_ptr(), stride, scales), views
+        first += pack.out_features
+    return GPUResidual(host, host.data_ptr(), stride, host_scales.to(device), host_scales), views
 
 
 def concat_gpu_weights(weights: list[GPUWeight]) -> GPUWeight:
@@ -269,8 +283,9 @@ def _launch(state: GPUState, group, x: Tensor) -> Tensor:
     envelope = group.envelope if group.envelope is not None else x2.new_zeros(k, dtype=torch.float32)
     if state.mailbox is None or state.mailbox.numel() < tokens * w.out_features:
         state.mailbox = ops.new_mailbox(tokens, w.out_features, x.device)
+    scales = r.host_scales if group.scales_on_host else r.scales
     out = ops.gemv_dec(x2, w.qweight, w.meta, bias, w.fmt, w.bits, w.group_size, w.out_features, w.in_features,
-                       envelope, channels, group.k_chunk, r.ptr, r.stride, r.scales, group.n_tb or DEFAULT_N_TB,
+                       envelope, channels, group.k_chunk, r.ptr, r.stride, scales, group.n_tb or DEFAULT_N_TB,
                        state.mailbox)
     return out.view(*lead, w.out_features)
 

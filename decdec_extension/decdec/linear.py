@@ -36,6 +36,10 @@ class SelectionGroup(nn.Module):
     ``compensate_prefill``: with False, inputs of more than one token per sequence (prefill) get no
     compensation; with True every token is compensated independently, as if it were being decoded
     ("decode-equivalent", used by evaluation).
+
+    ``n_tb`` and ``scales_on_host`` are run-time settings of the CUDA path: the DEC thread blocks
+    per launch (None: the default), and whether they read the residual scales from pinned host
+    memory, fetched like the rows, rather than from the GPU. Changing either re-uploads nothing.
     """
 
     def __init__(self, kind: str, envelope: Tensor | None = None, mean_sq: Tensor | None = None,
@@ -48,6 +52,7 @@ class SelectionGroup(nn.Module):
         self.chunk_size = chunk_size
         self.compensate_prefill = compensate_prefill
         self.n_tb: int | None = None  # GPU thread-block budget, set by the tuned config
+        self.scales_on_host: bool = False
         self.generator = torch.Generator().manual_seed(seed)
         self.configure(mode=mode, k_chunk=k_chunk)
         self._cache_key: tuple | None = None
@@ -122,7 +127,8 @@ class SelectionGroup(nn.Module):
         return select(self.mode, x, self.k_chunk, self.envelope, self.mean_sq, self.chunk_size, self.generator)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, mode={self.mode!r}, k_chunk={self.k_chunk}, n_tb={self.n_tb}"
+        return (f"kind={self.kind!r}, mode={self.mode!r}, k_chunk={self.k_chunk}, n_tb={self.n_tb}, "
+                f"scales_on_host={self.scales_on_host}")
 
 
 class DecDECLinear(nn.Module):

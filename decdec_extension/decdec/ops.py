@@ -11,10 +11,11 @@ implementation of ``select_channels`` (:func:`cpu_selection_available`). Weights
 - ``gemv_dec(..., envelope, channels?, k_chunk, residual_ptr, residual_stride, residual_scales,
   n_tb, mailbox) -> [B, N]``: the same plus DecDEC's compensation in one launch: each token selects
   its channels (or takes ``channels`` [B, k]), the selected residual rows are read from pinned host
-  memory at ``residual_ptr`` (a device-visible address; the caller keeps the memory alive), and
-  out = (base + correction) + bias is rounded once. ``mailbox`` is a zeroed int64 workspace of at
-  least B x N elements owned by the layer (:func:`new_mailbox`); every call leaves it zeroed, so the
-  op is functional.
+  memory at ``residual_ptr`` (a device-visible address; the caller keeps the memory alive), the
+  fp16 [N] ``residual_scales`` from x's device or from pinned host memory (a CPU tensor, read in
+  place like the rows), and out = (base + correction) + bias is rounded once. ``mailbox`` is a
+  zeroed int64 workspace of at least B x N elements owned by the layer (:func:`new_mailbox`);
+  every call leaves it zeroed, so the op is functional.
 - ``select_channels(x [T, K], envelope, k_chunk) -> int64 [T, k]``: DecDEC's selection, identical
   to :func:`decdec.select_channels`.
 - ``select_masked(x [T, K], envelope, k_chunk) -> [T, 2K]``: ``[x | m]`` with m = x on each token's

@@ -186,9 +186,11 @@ def selection_groups(model: nn.Module) -> list[SelectionGroup]:
 
 
 def configure(model: nn.Module, *, mode: str | None = None, k_chunk: int | dict[str, int] | None = None,
-              tuned: dict | None = None, compensate_prefill: bool | None = None) -> None:
+              tuned: dict | None = None, compensate_prefill: bool | None = None,
+              scales_on_host: bool | None = None) -> None:
     """Sets the selection of every group: ``tuned`` (a decdec_config.json) first, then the explicit
-    ``mode`` and ``k_chunk`` (one value for all kinds, or kind -> value)."""
+    ``mode`` and ``k_chunk`` (one value for all kinds, or kind -> value); ``compensate_prefill`` and
+    ``scales_on_host`` (see :class:`SelectionGroup`) when given."""
     for group in selection_groups(model):
         kc = group.k_chunk
         if tuned is not None:
@@ -201,3 +203,5 @@ def configure(model: nn.Module, *, mode: str | None = None, k_chunk: int | dict[
         group.configure(mode=mode, k_chunk=kc)
         if compensate_prefill is not None:
             group.compensate_prefill = compensate_prefill
+        if scales_on_host is not None:
+            group.scales_on_host = scales_on_host
