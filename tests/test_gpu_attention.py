@@ -1,7 +1,7 @@
 """GPU tests of the decode-attention kernel against its fp32 definition (skipped without CUDA +
 decdec._C): fresh random inputs, output poisoned before each run, head sizes and groups of real
-models, masks, strided (windowed) caches, many splits, counters left at zero, bitwise repeats,
-graph capture; and a model's decode steps with the kernel against SDPA."""
+models, masks, garbage under the mask, strided (windowed) caches, many splits, counters left at zero,
+bitwise repeats, graph capture; and a model's decode steps with the kernel against SDPA."""
 import pytest
 import torch
 
@@ -77,6 +77,21 @@ def test_fully_masked_sequence_gives_zeros():
     out = run_kernel(q, k, v, mask, 0.125)
     assert out[1].abs().max() == 0
     torch.testing.assert_close(out[0].float(), v[0, :, 17].float().repeat_interleave(4, 0), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+@pytest.mark.parametrize("positions", [40, 300, 5000])
+def test_masked_positions_may_hold_anything(garbage, positions):
+    """Unwritten cache slots hold whatever was there (the kernel reads a block's first tile before
+    its mask): NaN or inf under the mask must not reach the output."""
+    q, k, v = inputs(2, 32, 8, 128, positions, torch.float16, seed=positions)
+    mask = torch.rand(2, positions, device=DEV) < 0.5
+    mask[:, 0] = True
+    hidden = ~mask[:, None, :, None]
+    out = run_kernel(q, k.masked_fill(hidden, garbage), v.masked_fill(hidden, garbage), mask, 0.088)
+    ref = decode_attention_reference(q, k, v, mask, 0.088)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-3)
 
 
 def test_repeats_are_bitwise_identical_and_graphs_replay():

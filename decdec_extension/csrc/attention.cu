@@ -6,8 +6,8 @@
 // attention reads K and V once), keeps an online softmax over it and writes an unnormalized
 // partial output; the last block of a (kv head, sequence) to finish (a counter that it leaves at
 // zero again) merges the partials in split order, so the result does not depend on timing.
-// Positions the mask excludes are never read: a tile with none to attend costs its mask and a
-// barrier. (The split is planned on the cache's length, which is all the host knows, so a short
+// Past a block's first tile, positions the mask excludes are never read: a tile with none to
+// attend costs its mask and a barrier. (The split is planned on the cache's length, which is all the host knows, so a short
 // context in a long cache lands on few blocks: attention windows keep the cache short.) Scores and
 // sums in fp32; softmax in base 2 (the query is scaled by scale * log2 e).
 #include <cuda_bf16.h>
@@ -51,15 +51,20 @@ __device__ __forceinline__ float2 sum_slices(const float* red, int slices, int p
   return o;
 }
 
-// Threads of a block: twice as many for head_dim > 128, so that no thread holds more than 32 rows.
-__host__ __device__ constexpr int threads_for(int nw) { return nw >= 3 ? 256 : 128; }
+// Threads of a block. A tile's work is a chain of dependent shuffles and multiply-adds per warp,
+// and a short context gives each block one tile: 16 warps split it into short chains (4 rows of
+// scores, 4-13 rows of V per thread) that the four schedulers of the SM interleave.
+constexpr int kThreads = 512;
+
+// Two blocks per SM (64 registers) where that spills nothing: head_dim <= 128, groups <= 8.
+constexpr int blocks_per_sm(int nw, int gmax) { return nw <= 2 && gmax <= 8 ? 2 : 1; }
 
 // NW: pairs of a row per lane when scoring (head_dim <= 64 NW); GMAX: query heads per kv head, at
 // most; T2: __half2 or __nv_bfloat162. The tile's code has no data-dependent branch: masked rows
-// load zeros and weigh 0, so every shuffle runs converged.
+// hold zeros and weigh 0, so every shuffle runs converged.
 template <typename T2, int NW, int GMAX>
-__global__ void __launch_bounds__(threads_for(NW)) decode_attention_kernel(const DecodeAttentionParams p) {
-  constexpr int kThreads = threads_for(NW), kWarps = kThreads / 32, kRowsPerWarp = kTile / kWarps;
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(NW, GMAX)) decode_attention_kernel(const DecodeAttentionParams p) {
+  constexpr int kWarps = kThreads / 32, kRowsPerWarp = kTile / kWarps;
   // V rows a thread takes per tile, at most (the slices are fewest at head_dim 64 NW)
   constexpr int kVRows = (kTile + kThreads / (32 * NW) - 1) / (kThreads / (32 * NW));
   extern __shared__ float smem[];
@@ -72,8 +77,7 @@ __global__ void __launch_bounds__(threads_for(NW)) decode_attention_kernel(const
   float* m_s = w_s + G * kTile;      // [G] running maximum
   float* l_s = m_s + G;              // [G] running sum of weights
   float* a_s = l_s + G;              // [G] rescale of the running output by this tile
-  float* red = a_s + G + (G % 2);    // [slices][G][D] per-slice outputs (8-byte aligned); the merge's
-                                     // [splits][G] factors
+  float* red = a_s + G + (G % 2);    // [slices][G][D] per-slice outputs (8-byte aligned)
   __shared__ bool valid_s[kTile];
   __shared__ bool last_s;
 
@@ -82,6 +86,44 @@ __global__ void __launch_bounds__(threads_for(NW)) decode_attention_kernel(const
   const T2* vbase = static_cast<const T2*>(p.v) + (int64_t(b) * p.v_stride_b + int64_t(kvh) * p.v_stride_h) / 2;
   const int64_t ks = p.k_stride_s / 2, vs = p.v_stride_s / 2;
   const float qscale = p.scale * kLog2e;
+  const int vw = tid % D2, slice = tid / D2;  // this thread's pair of V columns and its slice
+  const bool weighs = slice < slices;
+  T2 zero;
+  *reinterpret_cast<uint32_t*>(&zero) = 0u;
+  const int begin = split * C, end = min(p.S, begin + C);
+
+  // The tile in registers: V rows of this thread's slice; K rows of this warp (warp w scores rows
+  // w, w + kWarps, ...; lane l holds pairs l, l + 32, ... of each row).
+  T2 vrow[kVRows];
+  T2 krow[kRowsPerWarp][NW];
+  auto load_rows = [&](int t0, bool masked_only) {
+#pragma unroll
+    for (int j = 0; j < kVRows; ++j) {
+      const int r = min(slice + j * slices, kTile - 1);
+      const bool read = weighs && slice + j * slices < kTile && t0 + r < end && (!masked_only || valid_s[r]);
+      vrow[j] = read ? vbase[int64_t(t0 + r) * vs + vw] : zero;
+    }
+#pragma unroll
+    for (int j = 0; j < kRowsPerWarp; ++j) {
+      const int r = warp + j * kWarps;
+#pragma unroll
+      for (int i = 0; i < NW; ++i) {
+        const int c = lane + 32 * i;
+        krow[j][i] = c < D2 && t0 + r < end && (!masked_only || valid_s[r]) ? kbase[int64_t(t0 + r) * ks + c] : zero;
+      }
+    }
+  };
+  auto mask_at = [&](int t0) {  // whether this thread's position of the tile is attended
+    const int pos = t0 + tid;
+    return tid < kTile && pos < end && (p.mask == nullptr || p.mask[int64_t(b) * p.mask_stride_b + pos]);
+  };
+
+  // The first tile's rows are read before its mask is known, so that they fly together with the
+  // query and the mask (one memory round trip where there were three); the rows it excludes are
+  // set to zero below (they may hold anything). Later tiles read only the rows their mask keeps: a
+  // long cache with a short context is mostly masked.
+  bool valid = mask_at(begin);
+  load_rows(begin, false);
   for (int i = tid; i < G * D2; i += kThreads) {
     const float2 f = to_float2(q[(i / D2) * (p.q_stride_h / 2) + i % D2]);
     q_s[2 * i] = f.x * qscale;
@@ -91,46 +133,27 @@ __global__ void __launch_bounds__(threads_for(NW)) decode_attention_kernel(const
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.f;
   }
-  const int vw = tid % D2, slice = tid / D2;  // this thread's pair of V columns and its slice
-  const bool weighs = slice < slices;
   float2 acc[GMAX];
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) acc[g] = make_float2(0.f, 0.f);
-  T2 zero;
-  *reinterpret_cast<uint32_t*>(&zero) = 0u;
 
-  const int begin = split * C, end = min(p.S, begin + C);
   for (int t0 = begin; t0 < end; t0 += kTile) {
-    __syncthreads();  // the previous tile's weights and flags are consumed
-    bool valid = false;
-    if (tid < kTile) {
-      const int pos = t0 + tid;
-      valid = pos < end && (p.mask == nullptr || p.mask[int64_t(b) * p.mask_stride_b + pos]);
-      valid_s[tid] = valid;
+    if (t0 != begin) {
+      __syncthreads();  // the previous tile's weights and flags are consumed
+      valid = mask_at(t0);
     }
+    if (tid < kTile) valid_s[tid] = valid;
     if (!__syncthreads_or(valid)) continue;
-
-    // V rows of this thread's slice, loaded now so that their latency overlaps the scores'
-    T2 vrow[kVRows];
+    if (t0 != begin) {
+      load_rows(t0, true);
+    } else {
 #pragma unroll
-    for (int j = 0; j < kVRows; ++j) {
-      const int r = min(slice + j * slices, kTile - 1);
-      vrow[j] = zero;
-      if (weighs && slice + j * slices < kTile && valid_s[r]) vrow[j] = vbase[int64_t(t0 + r) * vs + vw];
-    }
-
-    // scores: warp w scores rows w, w + 4, ...; lane l holds pairs l, l + 32, ... of each row
-    T2 krow[kRowsPerWarp][NW];
-#pragma unroll
-    for (int j = 0; j < kRowsPerWarp; ++j) {
-      const int r = warp + j * kWarps;
-#pragma unroll
-      for (int i = 0; i < NW; ++i) {
-        const int c = lane + 32 * i;
-        krow[j][i] = zero;
-        if (valid_s[r] && c < D2) krow[j][i] = kbase[int64_t(t0 + r) * ks + c];
+      for (int j = 0; j < kVRows; ++j) {  // masked rows weigh 0, and 0 * NaN would not be 0
+        if (!valid_s[min(slice + j * slices, kTile - 1)]) vrow[j] = zero;
       }
     }
+
+    // scores of the warp's rows for each query head (masked rows get -inf whatever K holds)
     for (int g = 0; g < G; ++g) {
       float2 qv[NW];
 #pragma unroll
@@ -242,50 +265,41 @@ __global__ void __launch_bounds__(threads_for(NW)) decode_attention_kernel(const
   if (!last_s) return;
   __threadfence();
 
-  // merge, in split order: factor[s][g] = 2^(m_s - M) / sum_s' 2^(m_s' - M) l_s'
+  // merge, in split order, as an online softmax over the splits' (max, sum, output): each thread
+  // reads every split's partial of its pairs at once, 8 splits in flight
   const float2* all_o = reinterpret_cast<const float2*>(p.partial_out) + head_item * p.splits * G * D2;
   const float2* all_ml = reinterpret_cast<const float2*>(p.partial_ml) + head_item * p.splits * G;
-  float* factor = red;
-  for (int g = warp; g < G; g += kWarps) {
-    float m = -INFINITY;
-    for (int s = lane; s < p.splits; s += 32) m = fmaxf(m, __ldcg(&all_ml[s * G + g]).x);
-    m = warp_max(m);
-    float l = 0.f;
-    for (int s = lane; s < p.splits; s += 32) {
-      const float2 ml = __ldcg(&all_ml[s * G + g]);
-      const float f = m == -INFINITY ? 0.f : exp2f(ml.x - m);
-      factor[s * G + g] = f;
-      l = fmaf(f, ml.y, l);
-    }
-    l = warp_sum(l);
-    __syncwarp();
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    for (int s = lane; s < p.splits; s += 32) factor[s * G + g] *= inv;
-  }
-  __syncthreads();
   for (int i = tid; i < G * D2; i += kThreads) {
     const int g = i / D2;
+    float m = -INFINITY, l = 0.f;
     float2 o = make_float2(0.f, 0.f);
 #pragma unroll 8
     for (int s = 0; s < p.splits; ++s) {
-      const float f = factor[s * G + g];
+      const float2 ml = __ldcg(&all_ml[s * G + g]);
       const float2 v = __ldcg(&all_o[s * G * D2 + i]);
-      o.x = fmaf(f, v.x, o.x);
-      o.y = fmaf(f, v.y, o.y);
+      // a split with nothing to attend has m = -inf, l = 0, o = 0; so has the running merge before
+      // its first split with something (and -inf - -inf would be NaN)
+      const float m_new = fmaxf(m, ml.x);
+      const float alpha = m == -INFINITY ? 0.f : exp2f(m - m_new);
+      const float f = ml.x == -INFINITY ? 0.f : exp2f(ml.x - m_new);
+      l = fmaf(f, ml.y, l * alpha);
+      o = make_float2(fmaf(f, v.x, o.x * alpha), fmaf(f, v.y, o.y * alpha));
+      m = m_new;
     }
-    store2(out + i, o);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    store2(out + i, make_float2(o.x * inv, o.y * inv));
   }
 }
 
 template <typename T2, int NW, int GMAX>
 cudaError_t launch_typed(const DecodeAttentionParams& p, size_t smem, cudaStream_t stream) {
-  if (smem > 48 * 1024) {  // head_dim > 128 with a large group: opt in (per device, so every time)
+  if (smem > 48 * 1024) {  // a large group: opt in (per device, so every time)
     const cudaError_t e = cudaFuncSetAttribute(decode_attention_kernel<T2, NW, GMAX>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(p.splits, p.kv_heads, p.B);
-  decode_attention_kernel<T2, NW, GMAX><<<grid, threads_for(NW), smem, stream>>>(p);
+  decode_attention_kernel<T2, NW, GMAX><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -320,8 +334,7 @@ void plan_decode_attention(DecodeAttentionParams& p, int sms) {
 }
 
 size_t decode_attention_smem_bytes(const DecodeAttentionParams& p) {
-  const int slices = threads_for(pairs_per_lane(p.head_dim)) / (p.head_dim / 2);
-  const size_t red = std::max<size_t>(size_t(slices) * p.group * p.head_dim, size_t(p.splits) * p.group);
+  const size_t red = size_t(kThreads / (p.head_dim / 2)) * p.group * p.head_dim;  // [slices][G][D]
   return sizeof(float) * (size_t(p.group) * p.head_dim + size_t(p.group) * kTile + 4 * size_t(p.group) + red);
 }
 
