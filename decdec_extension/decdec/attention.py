@@ -3,8 +3,8 @@
 With a static cache, transformers' SDPA path gives a one-token query a mask, and with a mask it
 repeats the grouped kv heads and runs a kernel that is parallel over heads only. The kernel of
 ``csrc/attention.cu`` (``torch.ops.decdec.decode_attention``) instead spreads the cache's
-positions over many blocks, reads each kv head once for its whole query group and never reads
-the positions the mask excludes.
+positions over many blocks, reads each kv head once for its whole query group and, past each
+block's first tile, skips the positions the mask excludes.
 
 It is offered to transformers as the attention implementation ``"decdec"`` (with SDPA's mask
 function); every call the kernel does not take (several query tokens, CPU tensors, softcapping,
