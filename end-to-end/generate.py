@@ -165,12 +165,16 @@ def bench_table(rows: list[dict]) -> str:
         lines.append((r["name"], fmt(r["ms_per_token"], ".3f"), fmt(r["tokens_per_s"], ".1f"), fmt(r["roofline_ms"], ".3f"),
                       fmt(r["roofline_percent"], ".1f"), fmt(r["slowdown_percent"], "+.2f") + ("" if r["slowdown_percent"] is None else " %"),
                       "yes" if r["cuda_graph"] else "no", r["note"]))
+    return text_table(lines, left=(0, 7))
+
+
+def text_table(lines: list[tuple[str, ...]], left: tuple[int, ...] = ()) -> str:
+    """Aligned columns, the first line a header underlined by dashes; the columns in ``left`` are
+    left-aligned, the others right-aligned."""
     widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    out = []
-    for j, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(w) if c in (0, 7) else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))).rstrip())
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
+    out = ["  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
@@ -337,11 +341,7 @@ def profile_table(profile: dict) -> str:
                           f"{v['kernels_per_step']:.0f}"))
         lines += [("  " + k["name"][:70], f"{k['us_per_step']:.1f}", "", f"{k['calls_per_step']:.0f}")
                   for k in p["top_kernels"][:6]]
-        widths = [max(len(line[c]) for line in lines) for c in range(4)]
-        for j, line in enumerate(lines):
-            out.append("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))))
-            if j == 0:
-                out.append("  ".join("-" * w for w in widths))
+        out.append(text_table(lines, left=(0,)))
     return "\n".join(out)
 
 
@@ -420,10 +420,7 @@ def context_table(rows: list[dict]) -> str:
     names = list(rows[0]["ms_per_token"])
     lines = [("context",) + tuple(f"ms/token, {n}" for n in names)]
     lines += [(str(r["context"]),) + tuple(f"{r['ms_per_token'][n]:.3f}" for n in names) for r in rows]
-    widths = [max(len(line[c]) for line in lines) for c in range(len(names) + 1)]
-    out = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return text_table(lines)
 
 
 def memory_check_line(mc: dict) -> str:
@@ -472,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model_dir = resolve_model_dir(args)
     model, tokenizer = load_for_generation(model_dir, args.device, args.dtype, args.no_decdec, args.k_chunk)
-    decdec.configure(model, scales_on_host=args.scales_on_host)
+    if args.scales_on_host:
+        decdec.configure(model, scales_on_host=True)
     device = torch.device(args.device)
     ids = prompt_ids(args, tokenizer, model.config.vocab_size)
     graph = device.type == "cuda" and not args.no_cuda_graph
