@@ -524,6 +524,9 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
 // distinct banks within each half-warp.
 constexpr int kXPad = 16;
 
+// Tiles a GEMV block may hold back while their corrections are fetched (DEC).
+constexpr int kDeferred = 4;
+
 // LUT tables in shared memory, one column per lane (no bank conflicts), for rows g and g + 8 of the
 // row tile. 3 bits: one entry per pair of codes, holding the A register itself, so a register costs
 // one shared load (bf16: a second table holds the lo parts); 4 bits (256 pairs would not fit): one
@@ -625,18 +628,28 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     out[size_t(n) * p.N + orow] = A::from_float(v);
   };
   // DEC: the corrections of a tile are read when the tile starts; a tile whose corrections were
-  // not ready by then is written after the next tile (or when the block ends), so a GEMV block
-  // does not idle while the DEC blocks are still fetching
+  // not ready by then is deferred, so a GEMV block does not idle while the DEC blocks still fetch.
+  // Each owner thread keeps its deferred (row, sum) in its own column of a ring of kDeferred slots
+  // in shared memory; the oldest one's word is read when a tile starts and the entry written at
+  // that tile's end if it was ready, so the ring drains one entry per tile without waiting. A full
+  // ring, and the block's end, wait for the oldest.
   unsigned long long* mailbox = DEC ? p.mailbox + size_t(n) * p.N : nullptr;
-  int pending_row = -1;
-  float pending_v = 0.f;
+  int* deferred_row = reinterpret_cast<int*>(xs + p.B * xstride);  // [kDeferred][128]
+  float* deferred_sum = reinterpret_cast<float*>(deferred_row + kDeferred * 128);
+  int oldest = 0, deferred = 0;
+  auto write_oldest = [&](unsigned long long word) {
+    const int slot = oldest * 128 + threadIdx.x, orow = deferred_row[slot];
+    write_out(orow, deferred_sum[slot] + take_correction(mailbox + orow, word));
+    oldest = oldest + 1 == kDeferred ? 0 : oldest + 1;
+    --deferred;
+  };
   for (; rt < NT; rt += nblk, kt = warp) {
     const int row0 = rt * kTileRows + g;
     const int row = rt * kTileRows + r;
     const bool owner = threadIdx.x < 128 && n < p.B && row < p.N;
-    unsigned long long word = 0, pending_word = 0;
+    unsigned long long word = 0, oldest_word = 0;
     if (DEC && owner) word = load_relaxed(mailbox + row);
-    if (DEC && pending_row >= 0) pending_word = load_relaxed(mailbox + pending_row);
+    if (DEC && deferred > 0) oldest_word = load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]);
     if constexpr (FMT == kLUT) {
       const __half* lut = reinterpret_cast<const __half*>(p.meta) + size_t(rt) * kTileRows * Q;
       if constexpr (BITS == 3) {
@@ -800,15 +813,15 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
 #pragma unroll
       for (int k = 0; k < kWarps; ++k) v += red[(k * 16 + r) * 8 + n];
       if constexpr (DEC) {
-        if (pending_row >= 0) {
-          write_out(pending_row, pending_v + take_correction(mailbox + pending_row, pending_word));
-          pending_row = -1;
-        }
+        if (deferred > 0 && (oldest_word & kReady)) write_oldest(oldest_word);
         if (word & kReady) {
           write_out(row, v + take_correction(mailbox + row, word));
         } else {
-          pending_row = row;
-          pending_v = v;
+          if (deferred == kDeferred) write_oldest(load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]));
+          const int slot = (oldest + deferred < kDeferred ? oldest + deferred : oldest + deferred - kDeferred) * 128 + threadIdx.x;
+          deferred_row[slot] = row;
+          deferred_sum[slot] = v;
+          ++deferred;
         }
       } else {
         write_out(row, v);
@@ -816,8 +829,8 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     }
     __syncthreads();  // red and tab are reused by the next row tile
   }
-  if (DEC && pending_row >= 0)
-    write_out(pending_row, pending_v + take_correction(mailbox + pending_row, load_relaxed(mailbox + pending_row)));
+  if constexpr (DEC)
+    while (deferred > 0) write_oldest(load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]));
 }
 
 // DEC = false: the plain GEMV (n_tb == 0), compiled without the DEC role and the mailbox reads.
@@ -991,10 +1004,11 @@ int tile_words(int bits) { return bits == 4 ? 16 : 12; }
 size_t gemv_smem_bytes(const GemvParams& p) {
   const size_t gemv = kWarps * 128 * sizeof(float) + lut_table_bytes(p.fmt, p.bits, p.dtype) + x_stage_bytes(p.B, p.K);
   if (p.n_tb == 0) return gemv;
+  const size_t gemv_dec = gemv + kDeferred * 128 * (sizeof(int) + sizeof(float));  // the deferred tiles
   // partial sums, the scales of a pass, the selection list
   const size_t dec = size_t(kThreads) * kPartStride * sizeof(float) + kThreads * 32 * sizeof(__half) +
                      size_t(p.k_total) * sizeof(int);
-  return dec > gemv ? dec : gemv;
+  return dec > gemv_dec ? dec : gemv_dec;
 }
 
 // Blocks of this kernel that fit on the GPU at once with `smem` bytes each (cached per size).
