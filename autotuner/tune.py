@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import decdec
-from decdec import artifacts, tuning
+from decdec import artifacts, generation, tuning
 from decdec.timing import device_name, memory_bandwidth, pcie_bandwidth
 
 GB = 1e9
@@ -36,7 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, type=Path, help="prepared model directory (decdec_setup output)")
     p.add_argument("--target-slowdown", required=True, type=float,
-                   help="allowed slowdown of the summed linear time, in percent (e.g. 2.5)")
+                   help="allowed slowdown in percent (e.g. 2.5), of the summed linear time or, with --of step, "
+                        "of the whole decode step")
+    p.add_argument("--of", choices=("linears", "step"), default="linears",
+                   help="what the target is a share of: the summed time of the linears (the paper's tuner; "
+                        "default) or the whole decode step, whose time outside the linears (attention, norms, "
+                        "lm_head) DecDEC does not touch")
+    p.add_argument("--step-ms", type=float,
+                   help="with --of step: the decode step's ms per token with DecDEC off (generate.py --bench "
+                        "prints it); default: measured here, as generate.py runs it")
+    p.add_argument("--compile", action="store_true",
+                   help="with --of step: measure the torch.compile'd step (match how you decode)")
     p.add_argument("--n-tb-max", type=int, help="largest n_tb tried (default: the GPU's SM count)")
     p.add_argument("--plot", type=Path, help="save relative time vs k_chunk per n_tb (PNG/PDF/SVG)")
     p.add_argument("--table", type=Path,
@@ -74,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--n-tb-max must be at least 1")
     if args.table is not None and args.dry_run:
         p.error("--table and --dry-run exclude each other")
+    if args.of == "linears" and (args.step_ms is not None or args.compile):
+        p.error("--step-ms and --compile go with --of step")
+    if args.of == "step" and args.step_ms is None and (args.dry_run or args.table is not None):
+        p.error("--of step with --dry-run or --table needs --step-ms (nothing is run to measure the step)")
+    if args.step_ms is not None and args.step_ms <= 0:
+        p.error("--step-ms must be positive")
     return args
 
 
@@ -120,6 +136,10 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
     else:
         n_tb_max = args.n_tb_max or 1
     grid, k_grid = tuning.n_tb_grid(n_tb_max), k_grid_up_to(args.k_max)
+    if args.of == "step" and args.step_ms is None:
+        print("timing the decode step with DecDEC off ...", file=sys.stderr)
+        info["step_ms"] = 1e3 * step_seconds_without_decdec(model, args.compile)
+        info["step_timing"] = "measured: greedy decoding, " + ("torch.compile + " if args.compile else "") + "CUDA graph"
     try:
         table = tuning.measure_table(model, grid, k_grid, cuda_graph=not args.eager, fresh_input=not args.replayed_input)
     except RuntimeError as e:
@@ -131,6 +151,18 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
         info["timing"] = f"eager calls, CUDA events (graph capture failed: {reason})"
         table = tuning.measure_table(model, grid, k_grid, cuda_graph=False, fresh_input=not args.replayed_input)
     return table, info
+
+
+def step_seconds_without_decdec(model, compile: bool) -> float:
+    groups = decdec.selection_groups(model)
+    saved = [g.mode for g in groups]
+    for g in groups:
+        g.configure(mode="none")
+    try:
+        return generation.seconds_per_token(model, compile=compile)
+    finally:
+        for g, mode in zip(groups, saved):
+            g.configure(mode=mode)
 
 
 def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: float, estimate: bool) -> None:
@@ -148,8 +180,9 @@ def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: floa
         print("  ".join(cell.rjust(wd) if c else cell.ljust(wd) for c, (cell, wd) in enumerate(zip(r, widths))))
         if j == 0:
             print("  ".join("-" * wd for wd in widths))
+    of = f" of the decode step ({1e3 * (result.baseline + result.other):.3f} ms)" if result.other else ""
     print(f"summed linear time per token: {1e3 * result.baseline:.3f} ms -> {1e3 * result.predicted:.3f} ms, "
-          f"predicted slowdown {100 * result.predicted_slowdown:.2f} % (n_tb cap {result.cap}"
+          f"predicted slowdown{of} {100 * result.predicted_slowdown:.2f} % (n_tb cap {result.cap}"
           + (f", pinned to 0: {', '.join(result.pinned)}" if result.pinned else "") + ")")
     for s in result.steps:
         print(f"  {s}")
@@ -219,10 +252,19 @@ def main(argv: list[str] | None = None) -> int:
         info["table_from"] = str(args.table)
     else:
         table, info = measure(args, quant_config)
-    result = tuning.search(table, target)
+    if args.step_ms is not None:
+        info["step_ms"], info["step_timing"] = args.step_ms, "given (--step-ms)"
+    other = 0.0
+    if args.of == "step":
+        linears = sum(table.kind_baseline(k) for k in table.kinds)
+        other = 1e-3 * info["step_ms"] - linears
+        if other < 0:
+            raise SystemExit(f"the decode step ({info['step_ms']:.3f} ms) is shorter than its linears alone "
+                             f"({1e3 * linears:.3f} ms): was it timed on another model or GPU?")
+    result = tuning.search(table, target, other)
     estimate = table.source == "analytic"
     extra = {
-        "estimate": estimate, "target_slowdown_percent": args.target_slowdown,
+        "estimate": estimate, "target_slowdown_percent": args.target_slowdown, "target_of": args.of,
         "predicted_slowdown_percent": 100 * result.predicted_slowdown,
         "summed_linear_ms": {"baseline": 1e3 * result.baseline, "tuned": 1e3 * result.predicted},
         "n_tb_cap": result.cap, "pinned": result.pinned, "phase1_k_chunk": result.phase1_k_chunk,

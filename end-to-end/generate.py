@@ -227,7 +227,8 @@ def bench_settings(args, model) -> list[tuple[str, list, str]]:
         decdec.configure(model, mode="decdec", tuned=data)
         target = data.get("target_slowdown_percent")
         note = "k_chunk/n_tb " + ", ".join(f"{k.split('+')[0]} {v['k_chunk']}/{v['n_tb']}" for k, v in data["kinds"].items())
-        out.append((f"quantized, DecDEC tuned {target:g} %" if target is not None else f"quantized, DecDEC {path.name}",
+        of = " of step" if data.get("target_of") == "step" else ""
+        out.append((f"quantized, DecDEC tuned {target:g} %{of}" if target is not None else f"quantized, DecDEC {path.name}",
                     settings_of(model), note))
         apply_settings(model, loaded)
     return out

@@ -58,6 +58,34 @@ def test_table_reuse_reproduces_the_search(tune, tiny_dir, tmp_path):
     assert a["kinds"] == b["kinds"] and b["table_from"] == str(saved)
 
 
+def test_target_of_the_step(tune, tiny_dir, tmp_path):
+    linears, step = tmp_path / "linears.json", tmp_path / "step.json"
+    tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "2.5", *DRY, "--no-write", "--json", str(linears)])
+    a = json.loads(linears.read_text())
+    # a step four times as long as the linears: the same target allows four times the added time
+    step_ms = 4 * a["summed_linear_ms"]["baseline"]
+    tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "2.5", *DRY, "--of", "step", "--step-ms", str(step_ms),
+               "--no-write", "--json", str(step)])
+    b = json.loads(step.read_text())
+    assert a["target_of"] == "linears" and b["target_of"] == "step" and b["step_ms"] == step_ms
+    assert sum(c["k_chunk"] for c in b["kinds"].values()) > sum(c["k_chunk"] for c in a["kinds"].values())
+    added = b["summed_linear_ms"]["tuned"] - b["summed_linear_ms"]["baseline"]
+    assert added <= 0.025 * step_ms * (1 + 1e-9)
+    assert b["predicted_slowdown_percent"] == pytest.approx(100 * added / step_ms)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--step-ms", "3"], "go with --of step"),
+    (["--compile"], "go with --of step"),
+    (["--of", "step"], "needs --step-ms"),
+    (["--of", "step", "--step-ms", "0"], "must be positive"),
+])
+def test_step_arguments_checked(tune, tiny_dir, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "2.5", *DRY, *extra])
+    assert message in capsys.readouterr().err
+
+
 def test_table_of_another_model_is_refused(tune, tiny_dir, tmp_path):
     other = tmp_path / "other"
     write_synthetic_model(other, "tiny", bits=4, num_layers=1)
@@ -75,6 +103,15 @@ def test_measuring_path_on_cpu(tune, tiny_dir, tmp_path):
     assert result["table"]["k_grid"] == [0, 1, 2, 3, 4]
     for w in result["table"]["workloads"]:
         assert w["baseline"] > 0 and w["times"]["1"][0] == w["baseline"]
+
+
+def test_measuring_the_step_on_cpu(tune, tiny_dir, tmp_path):
+    out = tmp_path / "s.json"
+    assert tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "50", "--device", "cpu", "--k-max", "2",
+                      "--of", "step", "--no-write", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["step_ms"] > result["summed_linear_ms"]["baseline"] > 0
+    assert result["step_timing"].startswith("measured")
 
 
 def test_measurement_restores_the_settings(tiny_dir):

@@ -121,6 +121,18 @@ def test_cap_choice_prefers_more_steps_then_fewer_blocks():
     assert all(c == {"n_tb": 2, "k_chunk": 3} for c in result.kinds.values())
 
 
+def test_target_as_a_share_of_the_whole_step():
+    # linears 20 of a 40 us step: 2.5 % of the linears is 0.5 us (nothing fits), of the step 1 us
+    table = hand_table({"a": {1: [10.0, 10.4, 10.9, 11.5]}, "b": {1: [10.0, 10.4, 10.9, 11.5]}}, {"a": 1, "b": 2})
+    assert tuning.search(table, 0.025).kinds["a"]["k_chunk"] == 0
+    result = tuning.search(table, 0.025, other=20.0)
+    assert [c["k_chunk"] for c in result.kinds.values()] == [1, 1]  # 20.8 <= 21.0; a step more is 21.3
+    assert result.predicted == pytest.approx(20.8)
+    assert result.predicted_slowdown == pytest.approx(0.8 / 40)
+    with pytest.raises(ValueError):
+        tuning.search(table, 0.025, other=-1.0)
+
+
 def test_unmeasured_entries_never_fit():
     table = hand_table({"a": {1: [10.0, 10.1, math.inf, math.inf]}}, {"a": 1})
     assert tuning.search(table, 1.0).kinds["a"]["k_chunk"] == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -323,6 +324,17 @@ class DecodeSession:
         sync_device(self.device)
         t2 = time.perf_counter()
         return GenerationResult(tokens, prompt_len, t1 - t0, t2 - t1, steps, bool(self._graphs) and self.use_graph)
+
+
+def seconds_per_token(model: nn.Module, new_tokens: int = 128, prompt_tokens: int = 16, repeats: int = 3,
+                      compile: bool = False) -> float:
+    """Median seconds per decoded token of greedy generation from a fixed random prompt, with the
+    model's DecDEC settings as they are (a first run captures the decode step and is not counted)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    session = DecodeSession(model, prompt_tokens + new_tokens, compile=compile)
+    runs = [session.generate(ids.to(device), new_tokens) for _ in range(repeats + 1)][1:]
+    return statistics.median(r.ms_per_token for r in runs) / 1e3
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
