@@ -12,6 +12,8 @@ Examples:
   python autotuner/tune.py --model-dir out/llama3-8b-awq3 --target-slowdown 5 --table out/llama3-8b-awq3/decdec_config.json
   python autotuner/tune.py --model-dir out/llama3-8b-awq3 --target-slowdown 2.5 --dry-run \\
       --mem-bw 3350 --pcie-bw 52 --sms 132
+  python autotuner/tune.py --model-dir out/llama3-8b-awq3 --target-slowdown 2.5 --of step \\
+      --table out/llama3-8b-awq3/decdec_config.json    # 2.5 % of the decode step; times the step only
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "lm_head) DecDEC does not touch")
     p.add_argument("--step-ms", type=float,
                    help="with --of step: the decode step's ms per token with DecDEC off (generate.py --bench "
-                        "prints it); default: measured here, as generate.py runs it")
+                        "prints it); default: measured here, as generate.py runs it (also with --table)")
     p.add_argument("--compile", action="store_true",
                    help="with --of step: measure the torch.compile'd step (match how you decode)")
     p.add_argument("--n-tb-max", type=int, help="largest n_tb tried (default: the GPU's SM count)")
@@ -86,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--table and --dry-run exclude each other")
     if args.of == "linears" and (args.step_ms is not None or args.compile):
         p.error("--step-ms and --compile go with --of step")
-    if args.of == "step" and args.step_ms is None and (args.dry_run or args.table is not None):
-        p.error("--of step with --dry-run or --table needs --step-ms (nothing is run to measure the step)")
+    if args.of == "step" and args.step_ms is None and args.dry_run:
+        p.error("--of step with --dry-run needs --step-ms (nothing runs to time the step)")
     if args.step_ms is not None and args.step_ms <= 0:
         p.error("--step-ms must be positive")
     return args
@@ -112,7 +114,8 @@ def reused_table(path: Path, workloads: list[tuning.Workload]) -> tuple[tuning.C
     return table, data
 
 
-def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTable, dict]:
+def load_model(args: argparse.Namespace):
+    """The prepared model on --device, for timing (refuses a GPU run without the CUDA extension)."""
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -126,7 +129,11 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
                          f"measure (decdec_setup makes them)")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(f"loading {args.model_dir} on {device} ...", file=sys.stderr)
-    model = decdec.load_prepared(args.model_dir, device, dtype=dtype, mode="decdec")
+    return decdec.load_prepared(args.model_dir, device, dtype=dtype, mode="decdec")
+
+
+def measure(args: argparse.Namespace, model) -> tuple[tuning.CostTable, dict]:
+    device = next(model.parameters()).device
     info = {"gpu": device_name(device), "device": str(device), "dtype": str(next(model.parameters()).dtype),
             "timing": "eager" if args.eager or device.type != "cuda" else "cuda-graph replays, CUDA events",
             "input": "replayed" if args.replayed_input else "fresh before every timed call"}
@@ -136,10 +143,6 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
     else:
         n_tb_max = args.n_tb_max or 1
     grid, k_grid = tuning.n_tb_grid(n_tb_max), k_grid_up_to(args.k_max)
-    if args.of == "step" and args.step_ms is None:
-        print("timing the decode step with DecDEC off ...", file=sys.stderr)
-        info["step_ms"] = 1e3 * step_seconds_without_decdec(model, args.compile)
-        info["step_timing"] = "measured: greedy decoding, " + ("torch.compile + " if args.compile else "") + "CUDA graph"
     try:
         table = tuning.measure_table(model, grid, k_grid, cuda_graph=not args.eager, fresh_input=not args.replayed_input)
     except RuntimeError as e:
@@ -153,13 +156,15 @@ def measure(args: argparse.Namespace, quant_config: dict) -> tuple[tuning.CostTa
     return table, info
 
 
-def step_seconds_without_decdec(model, compile: bool) -> float:
+def step_ms_without_decdec(model, compile: bool) -> float:
+    """ms per token of greedy decoding with DecDEC off, as generate.py --bench runs it."""
+    print("timing the decode step with DecDEC off ...", file=sys.stderr)
     groups = decdec.selection_groups(model)
     saved = [g.mode for g in groups]
     for g in groups:
         g.configure(mode="none")
     try:
-        return generation.seconds_per_token(model, compile=compile)
+        return 1e3 * generation.seconds_per_token(model, compile=compile)
     finally:
         for g, mode in zip(groups, saved):
             g.configure(mode=mode)
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = tuning.workloads_from_quant_config(quant_config)
     target = args.target_slowdown / 100
     t0 = time.perf_counter()
+    model = None
     if args.dry_run:
         gpu = tuning.AnalyticGPU(args.mem_bw * GB, args.pcie_bw * GB, args.sms,
                                  dec_overhead=args.dec_overhead_us * 1e-6)
@@ -251,9 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         info = {k: previous[k] for k in ("gpu", "device", "dtype", "timing", "bandwidth_GBps") if k in previous}
         info["table_from"] = str(args.table)
     else:
-        table, info = measure(args, quant_config)
+        model = load_model(args)
+        table, info = measure(args, model)
     if args.step_ms is not None:
         info["step_ms"], info["step_timing"] = args.step_ms, "given (--step-ms)"
+    elif args.of == "step":  # with --table, the model is loaded only for this
+        info["step_ms"] = step_ms_without_decdec(model or load_model(args), args.compile)
+        info["step_timing"] = "measured: greedy decoding, " + ("torch.compile + " if args.compile else "") + \
+                              ("CUDA graph" if args.device.startswith("cuda") else "eager")
     other = 0.0
     if args.of == "step":
         linears = sum(table.kind_baseline(k) for k in table.kinds)

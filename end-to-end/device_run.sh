@@ -15,8 +15,9 @@
 #   tests   pytest -m gpu of the tune/e2e tests (CUDA-graph decode vs eager, DecDEC off and on)
 #   build   a synthetic 3-bit model of Llama-3-8B's shape in $SYN (random weights + residuals; reused)
 #   tune    autotuner/tune.py on it: measured at 2.5 % (writes $SYN/decdec_config.json and a plot),
-#           then 5 % and 10 % from the same measured table, and a dry run with the measured bandwidths
-#   bench   generate.py --bench: DecDEC off vs the three tuned configs, alternating runs, roofline from
+#           then 5 % and 10 % from the same measured table, 2.5 % of the whole decode step (--of step,
+#           the step timed), and a dry run with the measured bandwidths
+#   bench   generate.py --bench: DecDEC off vs the four tuned configs, alternating runs, roofline from
 #           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
 #           memory growth over $MEM_TOKENS decode steps, decode steps at the context lengths
 #           $CONTEXTS (SDPA and the decode-attention kernel, each with windows and over the whole
@@ -94,6 +95,9 @@ if want tune && [[ $EXT == 1 ]]; then
       run_stage "tune_$target" python autotuner/tune.py --model-dir "$SYN" --target-slowdown "$target" \
         --table "$SYN/decdec_config.json" --no-write --json "$RES/tune_$target.json"
     done
+    # 2.5 % of the whole decode step (the step timed with DecDEC off, the table reused)
+    run_stage tune_step_2.5 python autotuner/tune.py --model-dir "$SYN" --target-slowdown 2.5 --of step \
+      --table "$SYN/decdec_config.json" --no-write --json "$RES/tune_step_2.5.json"
     # the analytic model with this GPU's measured bandwidths, for comparison with the measurement
     read -r MEM PCIE SMS < <(python -c "
 import json, torch
@@ -108,7 +112,7 @@ if want bench; then
   BENCH=(python end-to-end/generate.py --model-dir "$SYN" --bench --fp16-contrast --memory-check "$MEM_TOKENS"
          --contexts "$CONTEXTS" --profile "$PROFILE_STEPS" --max-new-tokens "$NEW_TOKENS" --json "$RES/bench.json")
   if [[ $EXT == 1 ]]; then
-    TUNED=$(ls "$RES"/tune_2.5.json "$RES"/tune_5.json "$RES"/tune_10.json 2>/dev/null | tr '\n' ' ')
+    TUNED=$(ls "$RES"/tune_2.5.json "$RES"/tune_step_2.5.json "$RES"/tune_5.json "$RES"/tune_10.json 2>/dev/null | tr '\n' ' ')
     if [[ -n "$TUNED" ]]; then
       # shellcheck disable=SC2086
       run_stage bench "${BENCH[@]}" --tuned $TUNED

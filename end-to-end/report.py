@@ -36,7 +36,8 @@ def tuning_table(results: list[dict]) -> str:
     head = ("target", "predicted", *(f"{k.split('+')[0]} k/n_tb" for k in kinds), "n_tb cap", "pinned", "source", "s")
     lines = [head]
     for r in sorted(results, key=lambda r: r["target_slowdown_percent"]):
-        lines.append((f"{r['target_slowdown_percent']:g} %", f"{r['predicted_slowdown_percent']:.2f} %",
+        of = " of step" if r.get("target_of") == "step" else ""
+        lines.append((f"{r['target_slowdown_percent']:g} %{of}", f"{r['predicted_slowdown_percent']:.2f} %",
                       *(f"{r['kinds'][k]['k_chunk']}/{r['kinds'][k]['n_tb']}" for k in kinds), str(r["n_tb_cap"]),
                       ",".join(p.split("+")[0] for p in r["pinned"]) or "-",
                       "ESTIMATE" if r["estimate"] else ("reused table" if "table_from" in r else "measured"),

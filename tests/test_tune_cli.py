@@ -77,7 +77,7 @@ def test_target_of_the_step(tune, tiny_dir, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--step-ms", "3"], "go with --of step"),
     (["--compile"], "go with --of step"),
-    (["--of", "step"], "needs --step-ms"),
+    (["--of", "step"], "needs --step-ms"),  # a dry run
     (["--of", "step", "--step-ms", "0"], "must be positive"),
 ])
 def test_step_arguments_checked(tune, tiny_dir, extra, message, capsys):
@@ -106,12 +106,17 @@ def test_measuring_path_on_cpu(tune, tiny_dir, tmp_path):
 
 
 def test_measuring_the_step_on_cpu(tune, tiny_dir, tmp_path):
-    out = tmp_path / "s.json"
+    out, again = tmp_path / "s.json", tmp_path / "t.json"
     assert tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "50", "--device", "cpu", "--k-max", "2",
                       "--of", "step", "--no-write", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["step_ms"] > result["summed_linear_ms"]["baseline"] > 0
-    assert result["step_timing"].startswith("measured")
+    assert result["step_timing"] == "measured: greedy decoding, eager"
+    # a reused table: only the step is timed
+    assert tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "5", "--device", "cpu", "--table", str(out),
+                      "--of", "step", "--no-write", "--json", str(again)]) == 0
+    reused = json.loads(again.read_text())
+    assert reused["table"] == result["table"] and reused["step_ms"] > 0 and reused["table_from"] == str(out)
 
 
 def test_measurement_restores_the_settings(tiny_dir):
