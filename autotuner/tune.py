@@ -156,18 +156,20 @@ def measure(args: argparse.Namespace, model) -> tuple[tuning.CostTable, dict]:
     return table, info
 
 
-def step_ms_without_decdec(model, compile: bool) -> float:
-    """ms per token of greedy decoding with DecDEC off, as generate.py --bench runs it."""
+def step_ms_without_decdec(model, compile: bool) -> tuple[float, str]:
+    """ms per token of greedy decoding with DecDEC off, as generate.py --bench runs it, and how it ran."""
     print("timing the decode step with DecDEC off ...", file=sys.stderr)
     groups = decdec.selection_groups(model)
     saved = [g.mode for g in groups]
     for g in groups:
         g.configure(mode="none")
     try:
-        return 1e3 * generation.seconds_per_token(model, compile=compile)
+        ms = 1e3 * generation.seconds_per_token(model, compile=compile)
     finally:
         for g, mode in zip(groups, saved):
             g.configure(mode=mode)
+    cuda = next(model.parameters()).is_cuda
+    return ms, "measured: greedy decoding, " + ("torch.compile + " if compile else "") + ("CUDA graph" if cuda else "eager")
 
 
 def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: float, estimate: bool) -> None:
@@ -262,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_ms is not None:
         info["step_ms"], info["step_timing"] = args.step_ms, "given (--step-ms)"
     elif args.of == "step":  # with --table, the model is loaded only for this
-        info["step_ms"] = step_ms_without_decdec(model or load_model(args), args.compile)
-        info["step_timing"] = "measured: greedy decoding, " + ("torch.compile + " if args.compile else "") + \
-                              ("CUDA graph" if args.device.startswith("cuda") else "eager")
+        info["step_ms"], info["step_timing"] = step_ms_without_decdec(model or load_model(args), args.compile)
     other = 0.0
     if args.of == "step":
         linears = sum(table.kind_baseline(k) for k in table.kinds)
