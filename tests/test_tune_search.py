@@ -142,7 +142,7 @@ def test_table_json_round_trip(llama8b):
     table = tuning.analytic_table(llama8b, tuning.AnalyticGPU(**H100), n_tb_max=8, k_grid=(0, 4, 8, 16))
     table.times[llama8b[0].key][8][3] = math.inf  # a sweep that stopped early
     back = tuning.CostTable.from_json(table.to_json())
-    assert back.workloads == table.workloads and back.n_tb_grid == [1, 2, 4, 8]
+    assert back.workloads == table.workloads and back.n_tb_grid == [1, 2, 3, 4, 6, 8]
     for w in llama8b:
         assert back.baseline[w.key] == pytest.approx(table.baseline[w.key])
         for n in table.n_tb_grid:
@@ -151,7 +151,8 @@ def test_table_json_round_trip(llama8b):
 
 
 def test_bad_inputs():
-    assert tuning.n_tb_grid(132) == [1, 2, 4, 8, 16, 32, 64, 128, 132]
+    assert tuning.n_tb_grid(132) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 132]
+    assert tuning.n_tb_grid(12) == [1, 2, 3, 4, 6, 8, 12]
     assert tuning.n_tb_grid(1) == [1]
     with pytest.raises(ValueError):
         tuning.n_tb_grid(0)

@@ -147,10 +147,14 @@ class CostTable:
 
 
 def n_tb_grid(n_tb_max: int) -> list[int]:
-    """Powers of two up to ``n_tb_max``, and ``n_tb_max`` itself."""
+    """Powers of two and three times powers of two up to ``n_tb_max``, and ``n_tb_max`` itself.
+
+    The points between the powers of two matter: the GEMV's row tiles are spread over the blocks
+    the DEC blocks leave, and whether some SMs get one more round of tiles changes between
+    neighbouring n_tb (KERNEL_NOTES.md, 3-bit gate/up at n_tb 12 against 8 and 16)."""
     if n_tb_max < 1:
         raise ValueError(f"n_tb_max must be at least 1, got {n_tb_max}")
-    grid = [1 << i for i in range(n_tb_max.bit_length()) if 1 << i <= n_tb_max]
+    grid = sorted({m << i for m in (1, 3) for i in range(n_tb_max.bit_length()) if m << i <= n_tb_max})
     return grid if grid[-1] == n_tb_max else grid + [n_tb_max]
 
 
