@@ -227,6 +227,23 @@ def test_repeated_runs_are_bitwise_identical():
     assert torch.equal(layer.mailbox, torch.zeros_like(layer.mailbox))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_selection_over_many_chunks(dtype):
+    """More chunks than DEC warps: later selection rounds read x staged in shared memory (up to 16
+    chunks), the rest straight from memory. A zero base leaves only the correction, and the given
+    channels must give the very same output."""
+    for k in (14336, 26000):  # 14 full chunks; 25 full chunks and a partial one
+        layer = Layer("lut", 4, 264, k, zero_base=True, bias=False)
+        x = special_inputs(3, k, layer.env, torch.float32).nan_to_num(0.0).to(DEV, dtype)
+        for k_chunk in (1, 7, 1024):
+            poison((3, 264), dtype)
+            out = layer.run(x, k_chunk, n_tb=4)
+            err = rel_err(out, layer.reference(x, k_chunk))
+            assert err < TOL[dtype], (k, k_chunk, err)
+            chans = select_channels(x.cpu(), k_chunk, layer.env).to(DEV)
+            assert torch.equal(layer.run(x, k_chunk, n_tb=4, channels=chans), out), (k, k_chunk)
+
+
 @pytest.mark.parametrize("scales_on_host", [False, True])
 def test_cuda_graph_capture_and_replay(scales_on_host):
     layer = Layer("uniform", 4, 1000, 4096)

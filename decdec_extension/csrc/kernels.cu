@@ -403,6 +403,10 @@ __device__ __forceinline__ float take_correction(unsigned long long* slot, unsig
 // ------------------------------------------------------------------------------------------------
 // DEC role
 
+// Chunks of x (2 KB each) a DEC block can stage ahead of its later selection rounds, in the
+// partial sums' space.
+constexpr int kStagedChunks = kThreads * kPartStride * 4 / (kChunk * 2);
+
 template <int DT>
 __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
   using A = Act<DT>;
@@ -451,11 +455,40 @@ __device__ void dec_block(const GemvParams& p, int d, unsigned char* smem) {
       for (int i = tid; i < k; i += kThreads) sel[i] = int(p.channels[size_t(b) * k + i]);
     } else {
       const int chunks = div_up(p.K, kChunk);
+      // x of the chunks after the first round goes to shared memory now (the partial sums' space,
+      // free until the fetch), each lane copying the 64 bytes it will read: a later round then
+      // does not wait for its x under the GEMV's memory traffic
+      const bool stage_x = chunks > kWarps && p.K % 8 == 0 && reinterpret_cast<uintptr_t>(xrow) % 16 == 0;
+      uint4* x_staged = reinterpret_cast<uint4*>(part) + lane * 4;  // chunk c at x_staged[(c - kWarps) * 128]
+      auto staged = [&](int c) {
+        return stage_x && c >= kWarps && c < kWarps + kStagedChunks && (c + 1) * kChunk <= p.K;
+      };
+      for (int c = warp + kWarps; c < chunks; c += kWarps) {
+        if (!staged(c)) continue;
+        const uint4* src = reinterpret_cast<const uint4*>(xrow + c * kChunk + lane * 32);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const unsigned dst = unsigned(__cvta_generic_to_shared(x_staged + (c - kWarps) * 128 + j));
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src + j));
+        }
+      }
       uint32_t xa[16];
       if (warp < chunks) load_chunk_abs<DT>(xrow, p.K, warp, lane, xa);
       if (b == 0) edge = lane_edge<DT>(env_hi, env_lo, lane);
       for (int c = warp; c < chunks; c += kWarps) {
-        if (c != warp) load_chunk_abs<DT>(xrow, p.K, c, lane, xa);
+        if (staged(c)) {
+          asm volatile("cp.async.wait_all;" ::: "memory");  // this lane's own copies
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint4 v = x_staged[(c - kWarps) * 128 + j];
+            xa[4 * j] = v.x & 0x7fff7fffu;
+            xa[4 * j + 1] = v.y & 0x7fff7fffu;
+            xa[4 * j + 2] = v.z & 0x7fff7fffu;
+            xa[4 * j + 3] = v.w & 0x7fff7fffu;
+          }
+        } else if (c != warp) {
+          load_chunk_abs<DT>(xrow, p.K, c, lane, xa);
+        }
         select_chunk<DT>(xa, p.K, c, p.k_chunk, edge, sel + c * p.k_chunk, lane);
       }
     }
