@@ -670,6 +670,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   int* deferred_row = reinterpret_cast<int*>(xs + p.B * xstride);  // [kDeferred][128]
   float* deferred_sum = reinterpret_cast<float*>(deferred_row + kDeferred * 128);
   int oldest = 0, deferred = 0;
+  auto oldest_word_now = [&]() { return load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]); };
   auto write_oldest = [&](unsigned long long word) {
     const int slot = oldest * 128 + threadIdx.x, orow = deferred_row[slot];
     write_out(orow, deferred_sum[slot] + take_correction(mailbox + orow, word));
@@ -682,7 +683,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     const bool owner = threadIdx.x < 128 && n < p.B && row < p.N;
     unsigned long long word = 0, oldest_word = 0;
     if (DEC && owner) word = load_relaxed(mailbox + row);
-    if (DEC && deferred > 0) oldest_word = load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]);
+    if (DEC && deferred > 0) oldest_word = oldest_word_now();
     if constexpr (FMT == kLUT) {
       const __half* lut = reinterpret_cast<const __half*>(p.meta) + size_t(rt) * kTileRows * Q;
       if constexpr (BITS == 3) {
@@ -850,7 +851,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
         if (word & kReady) {
           write_out(row, v + take_correction(mailbox + row, word));
         } else {
-          if (deferred == kDeferred) write_oldest(load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]));
+          if (deferred == kDeferred) write_oldest(oldest_word_now());
           const int slot = (oldest + deferred < kDeferred ? oldest + deferred : oldest + deferred - kDeferred) * 128 + threadIdx.x;
           deferred_row[slot] = row;
           deferred_sum[slot] = v;
@@ -863,7 +864,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     __syncthreads();  // red and tab are reused by the next row tile
   }
   if constexpr (DEC)
-    while (deferred > 0) write_oldest(load_relaxed(mailbox + deferred_row[oldest * 128 + threadIdx.x]));
+    while (deferred > 0) write_oldest(oldest_word_now());
 }
 
 // DEC = false: the plain GEMV (n_tb == 0), compiled without the DEC role and the mailbox reads.

@@ -218,7 +218,13 @@ class TuneResult:
 
     @property
     def predicted_slowdown(self) -> float:
-        return (self.predicted + self.other) / (self.baseline + self.other) - 1
+        return slowdown(self.predicted, self.baseline, self.other)
+
+
+def slowdown(total: float, baseline: float, other: float = 0.0) -> float:
+    """Relative slowdown of the summed linears ``total`` over ``baseline``, counted on the whole
+    step when ``other`` gives its time outside the linears."""
+    return (total + other) / (baseline + other) - 1
 
 
 def _best_n_tb(table: CostTable, kind: str, cap: int, k_index: int) -> tuple[int, float]:
@@ -297,7 +303,7 @@ def search(table: CostTable, target: float, other: float = 0.0) -> TuneResult:
         _, k, total = min(options)
         state[k] += 1
         steps.append(f"phase 2: {k} -> k_chunk {table.k_grid[state[k]]} "
-                     f"(predicted slowdown {100 * ((total + other) / (baseline + other) - 1):.2f} %)")
+                     f"(predicted slowdown {100 * slowdown(total, baseline, other):.2f} %)")
 
     result = {}
     for k in kinds:
