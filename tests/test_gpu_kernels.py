@@ -112,6 +112,18 @@ def test_selection_identical_to_reference(dtype, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_selection_for_every_small_quota(dtype):
+    """The threshold search starts at the bucket of a chunk's largest |x| and gallops from there:
+    every k_chunk up to 40 on 48 tokens whose scales spread that bucket and the gaps after it."""
+    k = 4096
+    env = rank_envelope(torch.randn(64, k) * torch.rand(k) * 3)
+    x = (torch.randn(48, k) * torch.linspace(0.05, 6, 48).unsqueeze(1)).to(dtype)
+    x_dev, env_dev = x.to(DEV), env.to(DEV)
+    for k_chunk in range(1, 41):
+        assert torch.equal(ops.select_channels(x_dev, env_dev, k_chunk).cpu(), select_channels(x, k_chunk, env)), k_chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [100, 576, 1024, 1540, 2600])
 def test_select_masked_identical_to_reference(dtype, k):
     env = rank_envelope(torch.randn(64, k) * torch.rand(k) * 3)

@@ -237,6 +237,10 @@ __device__ __forceinline__ uint32_t ge2_mask(uint32_t a, uint32_t b) {
   return __hge2_mask(as_pair<DT>(a), as_pair<DT>(b));
 }
 
+// per half: the larger of a and b, or the one that is not NaN
+template <int DT>
+__device__ __forceinline__ uint32_t max2(uint32_t a, uint32_t b) { return pair_bits(__hmax2(as_pair<DT>(a), as_pair<DT>(b))); }
+
 // The selection compares |x| in the activation dtype, two channels per instruction: for |x| in
 // that dtype and an fp32 bucket edge e >= 0, |x| >= e exactly when |x| >= e rounded up to the dtype.
 // NaN compares false with everything, so a NaN |x| (and a channel past the end of a partial chunk,
@@ -321,18 +325,44 @@ __device__ __forceinline__ int chunk_quota(int K, int chunk, int k_chunk) {
   return len == kChunk ? k_chunk : (k_chunk * len) / kChunk;
 }
 
+// The bucket of the warp's largest |x| (32 when all are NaN): the smallest b with count(bucket <=
+// b) >= 1, found from the maximum with one comparison per lane (lane i holds edge i).
+template <int DT>
+__device__ __forceinline__ int top_bucket(const uint32_t* xa, uint32_t edge) {
+  uint32_t m[2] = {xa[0], xa[1]};
+#pragma unroll
+  for (int j = 2; j < 16; ++j) m[j & 1] = max2<DT>(m[j & 1], xa[j]);
+  uint32_t v = max2<DT>(m[0], m[1]);
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v = max2<DT>(v, __shfl_xor_sync(0xffffffffu, v, d));
+  v = max2<DT>(v, __byte_perm(v, 0, 0x1032));  // both halves: the maximum
+  const unsigned at_least = __ballot_sync(0xffffffffu, ge2_mask<DT>(v, edge) != 0);  // lanes b >= top bucket
+  return at_least ? __ffs(int(at_least)) - 1 : 32;
+}
+
 // One warp selects the quota of one chunk of one token from |x| (load_chunk_abs): DESIGN.md's
 // rule, from counts only. The threshold bucket tb is the smallest b with count(bucket <= b) >=
 // quota (b = 32, which holds NaN, always qualifies); every channel of a bucket < tb is taken, then
 // those of bucket tb, lowest index first. Returns the lane's taken channels as bits (bit i: channel
 // chunk * 1024 + 32 lane + i); *pos is the rank of its first one among the chunk's taken channels.
+// tb is at least the top bucket, and is it for a quota of 1; past it the search gallops (the top,
+// +2, +6, +14, ...), since small quotas end a few buckets past the top, then bisects.
 template <int DT>
 __device__ uint32_t take_mask(const uint32_t* xa, int K, int chunk, int quota, uint32_t edge, int lane, int* pos) {
   auto edges = [edge](int i) { return __shfl_sync(0xffffffffu, edge, i); };  // edge i is in lane i
   const int c0 = chunk * kChunk;
   const int len = min(kChunk, K - c0);
   const int first = c0 + lane * 32;
-  int lo = 0, hi = 32;
+  const int top = top_bucket<DT>(xa, edge);
+  int lo = top, hi = quota > 1 ? 32 : top;
+  for (int width = 1; lo < hi; width *= 2) {
+    const int probe = min(lo + width - 1, hi - 1);
+    if (count_ge<DT>(xa, edges(probe)) >= quota) {
+      hi = probe;
+      break;
+    }
+    lo = probe + 1;
+  }
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     if (count_ge<DT>(xa, edges(mid)) >= quota) hi = mid;
@@ -341,7 +371,7 @@ __device__ uint32_t take_mask(const uint32_t* xa, int K, int chunk, int quota, u
   const int tb = lo;
   const int valid = min(max(c0 + len - first, 0), 32);  // channels of this lane inside the chunk
   const uint32_t in_chunk = valid == 32 ? ~0u : (1u << valid) - 1;
-  const uint32_t below = tb > 0 ? mask_ge<DT>(xa, edges(tb - 1)) : 0u;             // bucket < tb
+  const uint32_t below = tb > top ? mask_ge<DT>(xa, edges(tb - 1)) : 0u;           // bucket < tb
   const uint32_t at = (tb < 32 ? mask_ge<DT>(xa, edges(tb)) : in_chunk) & ~below;  // bucket == tb
   // exclusive prefix over lanes (= over channel order) of both counts, packed (each <= 1024)
   const int packed = __popc(below) | (__popc(at) << 16);
