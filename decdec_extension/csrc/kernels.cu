@@ -882,7 +882,8 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
           write_out(row, v + take_correction(mailbox + row, word));
         } else {
           if (deferred == kDeferred) write_oldest(oldest_word_now());
-          const int slot = (oldest + deferred < kDeferred ? oldest + deferred : oldest + deferred - kDeferred) * 128 + threadIdx.x;
+          const int tail = oldest + deferred;  // the ring's first free slot, before wrapping
+          const int slot = (tail < kDeferred ? tail : tail - kDeferred) * 128 + threadIdx.x;
           deferred_row[slot] = row;
           deferred_sum[slot] = v;
           ++deferred;
