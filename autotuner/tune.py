@@ -14,6 +14,8 @@ Examples:
       --mem-bw 3350 --pcie-bw 52 --sms 132
   python autotuner/tune.py --model-dir out/llama3-8b-awq3 --target-slowdown 2.5 --of step \\
       --table out/llama3-8b-awq3/decdec_config.json    # 2.5 % of the decode step; times the step only
+  python autotuner/tune.py --model-dir out/llama3-8b-awq3 --target-slowdown 2.5 --of step --compile \\
+      --verify 3    # time the chosen configs in the compiled step, search again until they fit
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prints it); default: measured here, as generate.py runs it (also with --table)")
     p.add_argument("--compile", action="store_true",
                    help="with --of step: measure the torch.compile'd step (match how you decode)")
+    p.add_argument("--verify", type=int, metavar="ROUNDS", default=0,
+                   help="with --of step: time the searched config in the decode step, then search again with the "
+                        "target scaled by how far the measurement missed it, up to ROUNDS times; the config that "
+                        "compensates the most among those measured within the target is kept (default 0: trust "
+                        "the table's prediction)")
     p.add_argument("--n-tb-max", type=int, help="largest n_tb tried (default: the GPU's SM count)")
     p.add_argument("--plot", type=Path, help="save relative time vs k_chunk per n_tb (PNG/PDF/SVG)")
     p.add_argument("--table", type=Path,
@@ -92,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--of step with --dry-run needs --step-ms (nothing runs to time the step)")
     if args.step_ms is not None and args.step_ms <= 0:
         p.error("--step-ms must be positive")
+    if args.verify < 0:
+        p.error("--verify takes a number of rounds >= 0")
+    if args.verify and (args.of != "step" or args.dry_run or args.step_ms is not None):
+        p.error("--verify times the decode step here: it needs --of step, without --dry-run or --step-ms")
     return args
 
 
@@ -170,6 +181,33 @@ def step_ms_without_decdec(model, compile: bool) -> tuple[float, str]:
             g.configure(mode=mode)
     cuda = next(model.parameters()).is_cuda
     return ms, "measured: greedy decoding, " + ("torch.compile + " if compile else "") + ("CUDA graph" if cuda else "eager")
+
+
+def step_slowdown(model, off_ms: float, compile: bool):
+    """measure(kinds) for tuning.search_measured: the decode step's slowdown with that config, timed
+    as step_ms_without_decdec times the step without DecDEC."""
+    def measure(kinds: dict) -> float:
+        decdec.configure(model, mode="decdec", tuned={"kinds": kinds})
+        ms = 1e3 * generation.seconds_per_token(model, compile=compile)
+        settings = ", ".join(f"{k} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
+        print(f"  {ms:.3f} ms/token ({100 * (ms / off_ms - 1):+.2f} %) with k_chunk/n_tb {settings}", file=sys.stderr)
+        return ms / off_ms - 1
+    return measure
+
+
+def print_rounds(rounds: list[tuning.MeasuredRound], chosen: tuning.TuneResult) -> None:
+    print("\nverified in the decode step (slowdown of the whole step):")
+    rows = [("round", "search target", "predicted", "measured", "k_chunk/n_tb")]
+    for i, r in enumerate(rounds, start=1):
+        settings = ", ".join(f"{k} {v['k_chunk']}/{v['n_tb']}" for k, v in r.kinds.items())
+        mark = "  <- kept" if r.kinds == chosen.kinds else ""
+        rows.append((str(i), f"{100 * r.goal:.2f} %", f"{100 * r.predicted:.2f} %", f"{100 * r.measured:.2f} %",
+                     settings + mark))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(cell if c == len(r) - 1 else cell.rjust(wd) for c, (cell, wd) in enumerate(zip(r, widths))))
+        if j == 0:
+            print("  ".join("-" * wd for wd in widths))
 
 
 def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: float, estimate: bool) -> None:
@@ -264,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_ms is not None:
         info["step_ms"], info["step_timing"] = args.step_ms, "given (--step-ms)"
     elif args.of == "step":  # with --table, the model is loaded only for this
-        info["step_ms"], info["step_timing"] = step_ms_without_decdec(model or load_model(args), args.compile)
+        model = model or load_model(args)
+        info["step_ms"], info["step_timing"] = step_ms_without_decdec(model, args.compile)
     other = 0.0
     if args.of == "step":
         linears = sum(table.kind_baseline(k) for k in table.kinds)
@@ -272,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         if other < 0:
             raise SystemExit(f"the decode step ({info['step_ms']:.3f} ms) is shorter than its linears alone "
                              f"({1e3 * linears:.3f} ms): was it timed on another model or GPU?")
-    result = tuning.search(table, target, other)
+    rounds: list[tuning.MeasuredRound] = []
+    if args.verify:
+        print(f"verifying in the decode step, up to {args.verify} rounds ...", file=sys.stderr)
+        result, rounds = tuning.search_measured(table, target, other, step_slowdown(model, info["step_ms"], args.compile),
+                                                args.verify)
+    else:
+        result = tuning.search(table, target, other)
     estimate = table.source == "analytic"
     extra = {
         "estimate": estimate, "target_slowdown_percent": args.target_slowdown, "target_of": args.of,
@@ -283,11 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tuning_seconds": time.perf_counter() - t0, "table": table.to_json(),
     }
+    if rounds:
+        extra["verification"] = [{"target_percent": 100 * r.goal, "kinds": r.kinds, "predicted_percent": 100 * r.predicted,
+                                  "measured_percent": 100 * r.measured} for r in rounds]
+        extra["measured_slowdown_percent"] = next((100 * r.measured for r in rounds if r.kinds == result.kinds), None)
     bandwidth = info.get("bandwidth_GBps")
     if bandwidth:
         extra["knee_k_chunk"] = {str(b): tuning.knee(bandwidth["memory"], bandwidth["pcie"], b)
                                  for b in sorted({w.bits for w in workloads})}
     print_table(table, result, target, estimate)
+    if rounds:
+        print_rounds(rounds, result)
     print(f"device: {info['gpu']}; tuning took {extra['tuning_seconds']:.1f} s")
     if not args.no_write:
         artifacts.save_tuning_config(args.model_dir, quant_config, result.kinds, extra)

@@ -79,6 +79,8 @@ def test_target_of_the_step(tune, tiny_dir, tmp_path):
     (["--compile"], "go with --of step"),
     (["--of", "step"], "needs --step-ms"),  # a dry run
     (["--of", "step", "--step-ms", "0"], "must be positive"),
+    (["--of", "step", "--step-ms", "3", "--verify", "2"], "--verify times the decode step here"),
+    (["--verify", "-1"], "rounds >= 0"),
 ])
 def test_step_arguments_checked(tune, tiny_dir, extra, message, capsys):
     with pytest.raises(SystemExit):
@@ -117,6 +119,21 @@ def test_measuring_the_step_on_cpu(tune, tiny_dir, tmp_path):
                       "--of", "step", "--no-write", "--json", str(again)]) == 0
     reused = json.loads(again.read_text())
     assert reused["table"] == result["table"] and reused["step_ms"] > 0 and reused["table_from"] == str(out)
+
+
+def test_verifying_in_the_step_on_cpu(tune, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert tune.main(["--model-dir", str(tiny_dir), "--target-slowdown", "50", "--device", "cpu", "--k-max", "2",
+                      "--of", "step", "--verify", "2", "--no-write", "--json", str(out)]) == 0
+    assert "verified in the decode step" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rounds = result["verification"]
+    assert 1 <= len(rounds) <= 2 and rounds[0]["target_percent"] == 50
+    kept = [r for r in rounds if r["kinds"] == result["kinds"]]
+    if kept:  # a config measured within the target, and its measurement reported
+        assert kept[0]["measured_percent"] <= 50 and result["measured_slowdown_percent"] == kept[0]["measured_percent"]
+    else:  # none was: DecDEC off, nothing measured for it
+        assert all(c["k_chunk"] == 0 for c in result["kinds"].values()) and result["measured_slowdown_percent"] is None
 
 
 def test_measurement_restores_the_settings(tiny_dir):

@@ -158,3 +158,42 @@ def test_bad_inputs():
         tuning.n_tb_grid(0)
     with pytest.raises(ValueError):
         tuning.search(hand_table({"a": {1: [1.0, 1.0, 1.0, 1.0]}}, {"a": 1}), -0.01)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.5, 3.0])
+def test_measured_search_keeps_a_config_the_measurement_admits(llama8b, factor):
+    """A decode step where DecDEC costs ``factor`` x what the table predicts: the kept config is one
+    whose measured slowdown is within the target, and it compensates at least as much as a
+    prediction-only search would when the table over-predicts."""
+    table = tuning.analytic_table(llama8b, tuning.AnalyticGPU(**H100))
+    other = 2 * sum(table.kind_baseline(k) for k in table.kinds)  # a step three times its linears
+    target = 0.025
+    measured = []
+
+    def measure(kinds: dict) -> float:
+        baseline = sum(table.kind_baseline(k) for k in table.kinds)
+        measured.append(factor * tuning.slowdown(total_of(table, kinds), baseline, other))
+        return measured[-1]
+
+    chosen, rounds = tuning.search_measured(table, target, other, measure, rounds=4)
+    assert [r.measured for r in rounds] == measured and 1 <= len(rounds) <= 4
+    assert rounds[0].goal == target and rounds[0].kinds == tuning.search(table, target, other).kinds
+    kept = next(r for r in rounds if r.kinds == chosen.kinds)
+    assert kept.measured <= target
+    plain = tuning.search(table, target, other)
+    if factor <= 1:
+        assert chosen.predicted >= plain.predicted
+    else:  # the prediction-only config overshoots; the loop moved below it
+        assert rounds[0].measured > target and chosen.predicted < plain.predicted
+    for before, after in zip(rounds, rounds[1:]):
+        assert tuning.GOAL_SCALE[0] <= after.goal / before.predicted <= tuning.GOAL_SCALE[1]
+
+
+def test_measured_search_falls_back_to_decdec_off(llama8b):
+    table = tuning.analytic_table(llama8b, tuning.AnalyticGPU(**H100))
+    chosen, rounds = tuning.search_measured(table, 0.025, 0.0, lambda kinds: 1.0, rounds=3)
+    assert len(rounds) == 3 and all(r.measured == 1.0 for r in rounds)
+    assert all(c["k_chunk"] == 0 for c in chosen.kinds.values()) and chosen.predicted_slowdown == 0
+    assert "DecDEC off" in chosen.steps[-1]
+    with pytest.raises(ValueError, match="rounds"):
+        tuning.search_measured(table, 0.025, 0.0, lambda kinds: 0.0, rounds=0)

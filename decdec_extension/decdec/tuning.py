@@ -21,10 +21,16 @@ measured decode step shows), the target is a share of the whole step instead: th
   phase 1 runs again on the others.
 - Phase 2: with that cap, raise k_chunk one grid step at a time for one kind at a time, always
   the step that adds the least time, while the budget holds.
+
+The table times each kind alone; inside a decode step (other kernels around it, torch.compile)
+the same configuration can cost more or less. :func:`search_measured` closes the loop: it
+measures each searched configuration and searches again with the target scaled by how far the
+measurement missed it.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -310,6 +316,57 @@ def search(table: CostTable, target: float, other: float = 0.0) -> TuneResult:
         n, _ = _best_n_tb(table, k, cap, state[k])
         result[k] = {"n_tb": n, "k_chunk": table.k_grid[state[k]]}
     return TuneResult(result, cap, pinned, table.k_grid[step], baseline, total, steps, other)
+
+
+# one round of search_measured scales a prediction by at most these factors, so that one noisy or
+# far-off measurement cannot send the next round to an extreme
+GOAL_SCALE = (0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class MeasuredRound:
+    """One round of :func:`search_measured`: the target the search was given, the configuration
+    it chose, and that configuration's predicted and measured slowdowns (fractions)."""
+    goal: float
+    kinds: dict[str, dict[str, int]]
+    predicted: float
+    measured: float
+
+
+def decdec_off(table: CostTable, other: float = 0.0, reason: str = "DecDEC off") -> TuneResult:
+    """The configuration with k_chunk 0 for every kind, as a search result."""
+    kinds = {k: {"n_tb": table.n_tb_grid[0], "k_chunk": 0} for k in table.kinds}
+    baseline = sum(table.kind_baseline(k) for k in table.kinds)
+    return TuneResult(kinds, table.n_tb_grid[0], list(table.kinds), 0, baseline, baseline, [reason], other)
+
+
+def search_measured(table: CostTable, target: float, other: float, measure: Callable[[dict], float],
+                    rounds: int) -> tuple[TuneResult, list[MeasuredRound]]:
+    """:func:`search` closed by measurement. Each round searches with a goal (first: ``target``),
+    ``measure(kinds)`` returns that configuration's real slowdown, and the next goal is its
+    predicted slowdown times target / measured (within ``GOAL_SCALE``): a table that over- or
+    under-predicts the step is corrected by what the step does. Stops after ``rounds`` rounds or when a goal gives a
+    configuration already measured. Returns the configuration that compensates the most (the
+    largest predicted time) among those measured within ``target`` (DecDEC off when none was),
+    and the rounds."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    goal, log, best = target, [], None
+    for _ in range(rounds):
+        result = search(table, goal, other)
+        if any(r.kinds == result.kinds for r in log):
+            break
+        measured = measure(result.kinds)
+        log.append(MeasuredRound(goal, result.kinds, result.predicted_slowdown, measured))
+        if measured <= target and (best is None or result.predicted > best.predicted):
+            best = result
+        # the step's cost taken as proportional to the table's: aim the prediction where the
+        # measurement would meet the target
+        scale = target / measured if measured > 0 else GOAL_SCALE[1]
+        goal = max(result.predicted_slowdown, 0.0) * min(max(scale, GOAL_SCALE[0]), GOAL_SCALE[1])
+    if best is None:
+        best = decdec_off(table, other, f"no configuration measured within {100 * target:.2f} %: DecDEC off")
+    return best, log
 
 
 # ---------------------------------------------------------------- measurement
