@@ -31,6 +31,7 @@ import torch
 
 import decdec
 from decdec import artifacts, generation, tuning
+from decdec.tables import text_table
 from decdec.timing import device_name, memory_bandwidth, pcie_bandwidth
 
 GB = 1e9
@@ -203,11 +204,7 @@ def print_rounds(rounds: list[tuning.MeasuredRound], chosen: tuning.TuneResult) 
         mark = "  <- kept" if r.kinds == chosen.kinds else ""
         rows.append((str(i), f"{100 * r.goal:.2f} %", f"{100 * r.predicted:.2f} %", f"{100 * r.measured:.2f} %",
                      settings + mark))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(cell if c == len(r) - 1 else cell.rjust(wd) for c, (cell, wd) in enumerate(zip(r, widths))))
-        if j == 0:
-            print("  ".join("-" * wd for wd in widths))
+    print(text_table(rows, left=(4,)))
 
 
 def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: float, estimate: bool) -> None:
@@ -220,11 +217,7 @@ def print_table(table: tuning.CostTable, result: tuning.TuneResult, target: floa
         t = table.baseline[w.key] if i == 0 else table.times[w.key][chosen["n_tb"]][i]
         rows.append((w.kind, str(w.bits), str(w.count), f"{1e6 * table.baseline[w.key]:.2f}", str(chosen["n_tb"]),
                      str(chosen["k_chunk"]), f"{1e6 * t:.2f}", f"{t / table.baseline[w.key]:.3f}"))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(cell.rjust(wd) if c else cell.ljust(wd) for c, (cell, wd) in enumerate(zip(r, widths))))
-        if j == 0:
-            print("  ".join("-" * wd for wd in widths))
+    print(text_table(rows, left=(0,)))
     of = f" of the decode step ({1e3 * (result.baseline + result.other):.3f} ms)" if result.other else ""
     print(f"summed linear time per token: {1e3 * result.baseline:.3f} ms -> {1e3 * result.predicted:.3f} ms, "
           f"predicted slowdown{of} {100 * result.predicted_slowdown:.2f} % (n_tb cap {result.cap}"

@@ -34,6 +34,7 @@ import decdec
 from decdec import tuning
 from decdec.generation import DecodeSession, GenerationResult, load_for_generation, sync_device
 from decdec.synthetic import SHAPES, ensure_synthetic_model
+from decdec.tables import text_table
 from decdec.timing import device_name, memory_bandwidth
 
 GB = 1e9
@@ -166,16 +167,6 @@ def bench_table(rows: list[dict]) -> str:
                       fmt(r["roofline_percent"], ".1f"), fmt(r["slowdown_percent"], "+.2f") + ("" if r["slowdown_percent"] is None else " %"),
                       "yes" if r["cuda_graph"] else "no", r["note"]))
     return text_table(lines, left=(0, 7))
-
-
-def text_table(lines: list[tuple[str, ...]], left: tuple[int, ...] = ()) -> str:
-    """Aligned columns, the first line a header underlined by dashes; the columns in ``left`` are
-    left-aligned, the others right-aligned."""
-    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    out = ["  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))).rstrip()
-           for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
 def show(tokenizer, tokens: list[int]) -> str:

@@ -13,22 +13,14 @@ import json
 import sys
 from pathlib import Path
 
+from decdec.tables import text_table
+
 
 def load_generate():
     spec = importlib.util.spec_from_file_location("generate", Path(__file__).with_name("generate.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def table(lines: list[tuple[str, ...]]) -> str:
-    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
-    out = []
-    for j, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
 def tuning_table(results: list[dict]) -> str:
@@ -42,7 +34,7 @@ def tuning_table(results: list[dict]) -> str:
                       ",".join(p.split("+")[0] for p in r["pinned"]) or "-",
                       "ESTIMATE" if r["estimate"] else ("reused table" if "table_from" in r else "measured"),
                       f"{r['tuning_seconds']:.0f}"))
-    return table(lines)
+    return text_table(lines, left=range(len(lines[0])))
 
 
 def main(argv: list[str] | None = None) -> int:
