@@ -15,8 +15,9 @@
 #   tests   pytest -m gpu of the tune/e2e tests (CUDA-graph decode vs eager, DecDEC off and on)
 #   build   a synthetic 3-bit model of Llama-3-8B's shape in $SYN (random weights + residuals; reused)
 #   tune    autotuner/tune.py on it: measured at 2.5 % (writes $SYN/decdec_config.json and a plot),
-#           then 5 % and 10 % from the same measured table, 2.5 % of the whole decode step (--of step,
-#           the step timed), and a dry run with the measured bandwidths
+#           then 5 % and 10 % from the same measured table, 2.5 % of the whole decode step (--of step
+#           --verify 3: the step timed, and the configs found timed in it), and a dry run with the
+#           measured bandwidths
 #   bench   generate.py --bench: DecDEC off vs the four tuned configs, alternating runs, roofline from
 #           the memory bandwidth measured in the run, fp16 random model (this loop + HF generate()),
 #           memory growth over $MEM_TOKENS decode steps, decode steps at the context lengths
@@ -95,9 +96,10 @@ if want tune && [[ $EXT == 1 ]]; then
       run_stage "tune_$target" python autotuner/tune.py --model-dir "$SYN" --target-slowdown "$target" \
         --table "$SYN/decdec_config.json" --no-write --json "$RES/tune_$target.json"
     done
-    # 2.5 % of the whole decode step (the step timed with DecDEC off, the table reused)
+    # 2.5 % of the whole decode step (the step timed with DecDEC off, the table reused), the configs
+    # found timed in the step and searched again until one fits
     run_stage tune_step_2.5 python autotuner/tune.py --model-dir "$SYN" --target-slowdown 2.5 --of step \
-      --table "$SYN/decdec_config.json" --no-write --json "$RES/tune_step_2.5.json"
+      --verify 3 --table "$SYN/decdec_config.json" --no-write --json "$RES/tune_step_2.5.json"
     # the analytic model with this GPU's measured bandwidths, for comparison with the measurement
     read -r MEM PCIE SMS < <(python -c "
 import json, torch

@@ -25,11 +25,14 @@ def load_generate():
 
 def tuning_table(results: list[dict]) -> str:
     kinds = list(results[0]["kinds"])
-    head = ("target", "predicted", *(f"{k.split('+')[0]} k/n_tb" for k in kinds), "n_tb cap", "pinned", "source", "s")
+    head = ("target", "predicted", "measured", *(f"{k.split('+')[0]} k/n_tb" for k in kinds), "n_tb cap", "pinned",
+            "source", "s")
     lines = [head]
     for r in sorted(results, key=lambda r: r["target_slowdown_percent"]):
         of = " of step" if r.get("target_of") == "step" else ""
+        measured = r.get("measured_slowdown_percent")  # tune.py --verify: the kept config timed in the step
         lines.append((f"{r['target_slowdown_percent']:g} %{of}", f"{r['predicted_slowdown_percent']:.2f} %",
+                      "-" if measured is None else f"{measured:.2f} %",
                       *(f"{r['kinds'][k]['k_chunk']}/{r['kinds'][k]['n_tb']}" for k in kinds), str(r["n_tb_cap"]),
                       ",".join(p.split("+")[0] for p in r["pinned"]) or "-",
                       "ESTIMATE" if r["estimate"] else ("reused table" if "table_from" in r else "measured"),
