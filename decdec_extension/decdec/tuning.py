@@ -24,7 +24,7 @@ measured decode step shows), the target is a share of the whole step instead: th
 
 The table times each kind alone; inside a decode step (other kernels around it, torch.compile)
 the same configuration can cost more or less. :func:`search_measured` closes the loop: it
-measures each searched configuration and searches again with the target scaled by how far the
+measures each searched configuration and searches again, aiming the prediction by how far the
 measurement missed it.
 """
 from __future__ import annotations
@@ -333,7 +333,7 @@ class MeasuredRound:
     measured: float
 
 
-def decdec_off(table: CostTable, other: float = 0.0, reason: str = "DecDEC off") -> TuneResult:
+def _decdec_off(table: CostTable, other: float = 0.0, reason: str = "DecDEC off") -> TuneResult:
     """The configuration with k_chunk 0 for every kind, as a search result."""
     kinds = {k: {"n_tb": table.n_tb_grid[0], "k_chunk": 0} for k in table.kinds}
     baseline = sum(table.kind_baseline(k) for k in table.kinds)
@@ -345,10 +345,10 @@ def search_measured(table: CostTable, target: float, other: float, measure: Call
     """:func:`search` closed by measurement. Each round searches with a goal (first: ``target``),
     ``measure(kinds)`` returns that configuration's real slowdown, and the next goal is its
     predicted slowdown times target / measured (within ``GOAL_SCALE``): a table that over- or
-    under-predicts the step is corrected by what the step does. Stops after ``rounds`` rounds or when a goal gives a
-    configuration already measured. Returns the configuration that compensates the most (the
-    largest predicted time) among those measured within ``target`` (DecDEC off when none was),
-    and the rounds."""
+    under-predicts the step is corrected by what the step does. Stops after ``rounds`` rounds or
+    when a goal gives a configuration already measured. Returns the configuration that
+    compensates the most (the largest predicted time) among those measured within ``target``
+    (DecDEC off when none was), and the rounds."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     goal, log, best = target, [], None
@@ -365,7 +365,7 @@ def search_measured(table: CostTable, target: float, other: float, measure: Call
         scale = target / measured if measured > 0 else GOAL_SCALE[1]
         goal = max(result.predicted_slowdown, 0.0) * min(max(scale, GOAL_SCALE[0]), GOAL_SCALE[1])
     if best is None:
-        best = decdec_off(table, other, f"no configuration measured within {100 * target:.2f} %: DecDEC off")
+        best = _decdec_off(table, other, f"no configuration measured within {100 * target:.2f} %: DecDEC off")
     return best, log
 
 
