@@ -333,7 +333,7 @@ class MeasuredRound:
     measured: float
 
 
-def _decdec_off(table: CostTable, other: float = 0.0, reason: str = "DecDEC off") -> TuneResult:
+def _decdec_off(table: CostTable, other: float, reason: str) -> TuneResult:
     """The configuration with k_chunk 0 for every kind, as a search result."""
     kinds = {k: {"n_tb": table.n_tb_grid[0], "k_chunk": 0} for k in table.kinds}
     baseline = sum(table.kind_baseline(k) for k in table.kinds)
