@@ -184,15 +184,19 @@ def step_ms_without_decdec(model, compile: bool) -> tuple[float, str]:
     return ms, "measured: greedy decoding, " + ("torch.compile + " if compile else "") + ("CUDA graph" if cuda else "eager")
 
 
+def settings_text(kinds: dict) -> str:
+    return ", ".join(f"{k} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
+
+
 def step_slowdown(model, off_ms: float, compile: bool):
     """measure(kinds) for tuning.search_measured: the decode step's slowdown with that config, timed
     as step_ms_without_decdec times the step without DecDEC."""
     def measure(kinds: dict) -> float:
         decdec.configure(model, mode="decdec", tuned={"kinds": kinds})
-        ms = 1e3 * generation.seconds_per_token(model, compile=compile)
-        settings = ", ".join(f"{k} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
-        print(f"  {ms:.3f} ms/token ({100 * (ms / off_ms - 1):+.2f} %) with k_chunk/n_tb {settings}", file=sys.stderr)
-        return ms / off_ms - 1
+        slowdown = generation.seconds_per_token(model, compile=compile) * 1e3 / off_ms - 1
+        print(f"  {off_ms * (1 + slowdown):.3f} ms/token ({100 * slowdown:+.2f} %) with k_chunk/n_tb "
+              f"{settings_text(kinds)}", file=sys.stderr)
+        return slowdown
     return measure
 
 
@@ -200,10 +204,9 @@ def print_rounds(rounds: list[tuning.MeasuredRound], chosen: tuning.TuneResult) 
     print("\nverified in the decode step (slowdown of the whole step):")
     rows = [("round", "search target", "predicted", "measured", "k_chunk/n_tb")]
     for i, r in enumerate(rounds, start=1):
-        settings = ", ".join(f"{k} {v['k_chunk']}/{v['n_tb']}" for k, v in r.kinds.items())
         mark = "  <- kept" if r.kinds == chosen.kinds else ""
         rows.append((str(i), f"{100 * r.goal:.2f} %", f"{100 * r.predicted:.2f} %", f"{100 * r.measured:.2f} %",
-                     settings + mark))
+                     settings_text(r.kinds) + mark))
     print(text_table(rows, left=(4,)))
 
 
