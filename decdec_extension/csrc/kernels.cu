@@ -651,14 +651,28 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
       mm[3] = __ldg(meta + size_t(g1) * Npad + row0 + 8);
     }
   };
+  // x is staged in shared memory, zero-padded to whole tiles, in 16-byte copies where x allows.
+  // Plain uniform launch: by cp.async, its requests ahead of the first weight tile's, so that x
+  // does not queue behind the weight stream (down, 28 KB of x: 11.2-12.1 -> 10.8-11.7 us; 70B down
+  // -1 to -1.6 us; results/h200/gemv_x_first_*.txt). The same order cost LUT gate_up 0.3-5 us and,
+  // in the DEC launch, uniform gate_up 0.5 us (x_first_and_fetch_hybrid_ab.txt): those load x
+  // after the first tile, four loads in flight per thread.
+  constexpr bool kXFirst = !DEC && FMT == kUniform;
+  if constexpr (kXFirst) {
+    const int per_row = p.K / 8;
+    const bool x_vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+    for (int i = threadIdx.x; x_vec && i < p.B * per_row; i += kThreads) {
+      const int b = i / per_row;
+      const unsigned dst = unsigned(__cvta_generic_to_shared(xs + b * xstride + (i - b * per_row) * 8));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(reinterpret_cast<const uint4*>(p.x) + i));
+    }
+  }
   int rt = blk, kt = warp;
   if (rt < NT && kt < KT) load(rt, kt, w, m);
-  // stage x (zero-padded to whole tiles) while the first weight loads are in flight; 16-byte
-  // copies with four loads in flight per thread where x allows
   if (p.K % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0) {
     const int per_row = p.K / 8, total = p.B * per_row;
     const uint4* src = reinterpret_cast<const uint4*>(p.x);
-    for (int i0 = threadIdx.x; i0 < total; i0 += 4 * kThreads) {
+    for (int i0 = threadIdx.x; !kXFirst && i0 < total; i0 += 4 * kThreads) {
       uint4 v[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -676,6 +690,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     }
     for (int b = 0; b < p.B; ++b)
       for (int k = p.K + threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = 0;
+    if constexpr (kXFirst) asm volatile("cp.async.wait_all;" ::: "memory");
   } else {
     for (int b = 0; b < p.B; ++b)
       for (int k = threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = k < p.K ? xg[size_t(b) * p.K + k] : 0;
