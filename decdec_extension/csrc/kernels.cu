@@ -653,12 +653,14 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   };
   // x is staged in shared memory, zero-padded to whole tiles, in 16-byte copies where x allows.
   // Plain uniform launch: by cp.async, its requests ahead of the first weight tile's, so that x
-  // does not queue behind the weight stream (down, 28 KB of x: 11.2-12.1 -> 10.8-11.7 us; 70B down
-  // -1 to -1.6 us; results/h200/gemv_x_first_*.txt). The same order cost LUT gate_up 0.3-5 us and,
-  // in the DEC launch, uniform gate_up 0.5 us (x_first_and_fetch_hybrid_ab.txt): those load x
-  // after the first tile, four loads in flight per thread.
+  // does not queue behind the weight stream (8B down, 28 KB of x: 11.2-12.1 -> 10.8-11.7 us; 70B
+  // down 39.1-42.1 -> 37.8-40.5; results/h200/gemv_x_first_*.txt). The same order cost LUT gate_up
+  // 0.3-5 us and, in the DEC launch, uniform gate_up 0.5 us (x_first_and_fetch_hybrid_ab.txt):
+  // those load x after the first tile, four loads in flight per thread.
   constexpr bool kXFirst = !DEC && FMT == kUniform;
   if constexpr (kXFirst) {
+    // the 16-byte test is repeated below rather than hoisted: hoisted, it reordered the LUT and
+    // DEC kernels' code
     const int per_row = p.K / 8;
     const bool x_vec = p.K % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
     for (int i = threadIdx.x; x_vec && i < p.B * per_row; i += kThreads) {
