@@ -171,21 +171,14 @@ def measure(args: argparse.Namespace, model) -> tuple[tuning.CostTable, dict]:
 def step_ms_without_decdec(model, compile: bool) -> tuple[float, str]:
     """ms per token of greedy decoding with DecDEC off, as generate.py --bench runs it, and how it ran."""
     print("timing the decode step with DecDEC off ...", file=sys.stderr)
-    groups = decdec.selection_groups(model)
-    saved = [g.mode for g in groups]
-    for g in groups:
-        g.configure(mode="none")
+    saved = decdec.group_settings(model)
+    decdec.configure(model, mode="none")
     try:
         ms = 1e3 * generation.seconds_per_token(model, compile=compile)
     finally:
-        for g, mode in zip(groups, saved):
-            g.configure(mode=mode)
+        decdec.apply_group_settings(model, saved)
     cuda = next(model.parameters()).is_cuda
     return ms, "measured: greedy decoding, " + ("torch.compile + " if compile else "") + ("CUDA graph" if cuda else "eager")
-
-
-def settings_text(kinds: dict) -> str:
-    return ", ".join(f"{k} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
 
 
 def step_slowdown(model, off_ms: float, compile: bool):
@@ -195,7 +188,7 @@ def step_slowdown(model, off_ms: float, compile: bool):
         decdec.configure(model, mode="decdec", tuned={"kinds": kinds})
         slowdown = generation.seconds_per_token(model, compile=compile) * 1e3 / off_ms - 1
         print(f"  {off_ms * (1 + slowdown):.3f} ms/token ({100 * slowdown:+.2f} %) with k_chunk/n_tb "
-              f"{settings_text(kinds)}", file=sys.stderr)
+              f"{tuning.settings_text(kinds)}", file=sys.stderr)
         return slowdown
     return measure
 
@@ -206,7 +199,7 @@ def print_rounds(rounds: list[tuning.MeasuredRound], chosen: tuning.TuneResult) 
     for i, r in enumerate(rounds, start=1):
         mark = "  <- kept" if r.kinds == chosen.kinds else ""
         rows.append((str(i), f"{100 * r.goal:.2f} %", f"{100 * r.predicted:.2f} %", f"{100 * r.measured:.2f} %",
-                     settings_text(r.kinds) + mark))
+                     tuning.settings_text(r.kinds) + mark))
     print(text_table(rows, left=(4,)))
 
 

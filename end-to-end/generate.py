@@ -190,16 +190,6 @@ def run_generate(args, model, tokenizer, ids, session: DecodeSession) -> dict:
     return {"samples": [{"text": show(tokenizer, r.tokens), "tokens": r.tokens, **r.to_json()} for r in results]}
 
 
-def settings_of(model) -> list[tuple[str, int, int | None]]:
-    return [(g.mode, g.k_chunk, g.n_tb) for g in decdec.selection_groups(model)]
-
-
-def apply_settings(model, settings: list[tuple[str, int, int | None]]) -> None:
-    for g, (mode, k_chunk, n_tb) in zip(decdec.selection_groups(model), settings):
-        g.configure(mode=mode, k_chunk=k_chunk)
-        g.n_tb = n_tb
-
-
 def bench_settings(args, model) -> list[tuple[str, list, str]]:
     """(row name, settings, note) of every DecDEC configuration to time: the loaded one, or each --tuned file."""
     if not args.tuned:
@@ -207,9 +197,9 @@ def bench_settings(args, model) -> list[tuple[str, list, str]]:
             return []  # DecDEC is off: the off row says it all
         kinds = {g.kind: g.k_chunk for g in decdec.selection_groups(model)}
         note = "k_chunk " + ", ".join(f"{k.split('+')[0]} {v}" for k, v in kinds.items())
-        return [("quantized, DecDEC on", settings_of(model), note)]
+        return [("quantized, DecDEC on", decdec.group_settings(model), note)]
     out = []
-    loaded = settings_of(model)
+    loaded = decdec.group_settings(model)
     kinds = {g.kind for g in decdec.selection_groups(model)}
     for path in args.tuned:
         data = decdec.artifacts.read_json(path)
@@ -217,11 +207,11 @@ def bench_settings(args, model) -> list[tuple[str, list, str]]:
             raise SystemExit(f"{path}: tuned kinds {sorted(data.get('kinds', {}))} are not this model's {sorted(kinds)}")
         decdec.configure(model, mode="decdec", tuned=data)
         target = data.get("target_slowdown_percent")
-        note = "k_chunk/n_tb " + ", ".join(f"{k.split('+')[0]} {v['k_chunk']}/{v['n_tb']}" for k, v in data["kinds"].items())
+        note = "k_chunk/n_tb " + tuning.settings_text(data["kinds"])
         of = " of step" if data.get("target_of") == "step" else ""
         out.append((f"quantized, DecDEC tuned {target:g} %{of}" if target is not None else f"quantized, DecDEC {path.name}",
-                    settings_of(model), note))
-        apply_settings(model, loaded)
+                    decdec.group_settings(model), note))
+        decdec.apply_group_settings(model, loaded)
     return out
 
 
@@ -233,7 +223,7 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     max_len = ids.shape[1] + n
     bw = memory_bandwidth(device) if device.type == "cuda" else None
     roof = 1e3 * quantized_roofline_bytes(model) / bw if bw else None
-    configs = [("quantized, DecDEC off", [("none", k, n_tb) for _, k, n_tb in settings_of(model)], "")]
+    configs = [("quantized, DecDEC off", [("none", k, n_tb) for _, k, n_tb in decdec.group_settings(model)], "")]
     configs += bench_settings(args, model)
     attention = args.decode_attention
     sessions = [DecodeSession(model, max_len, cuda_graph=graph, compile=args.compile, decode_attention=attention)
@@ -241,7 +231,7 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     times: list[list[GenerationResult]] = [[] for _ in configs]
     for i in range(repeats + 1):  # the first round warms up (and captures the graphs)
         for j, (_, settings, _) in enumerate(configs):
-            apply_settings(model, settings)
+            decdec.apply_group_settings(model, settings)
             r = sessions[j].generate(ids, n)
             if i:
                 times[j].append(r)
@@ -258,15 +248,15 @@ def run_bench(args, model, tokenizer, ids, graph: bool) -> dict:
     if args.memory_check:
         out["memory_check"] = memory_check(model, ids, args.memory_check, graph, attention)
     if args.contexts:
-        apply_settings(model, configs[0][1])
+        decdec.apply_group_settings(model, configs[0][1])
         out["contexts"] = context_bench(model, args.contexts, 32, graph)
     if args.profile:
         out["profile"] = {}
         for (name, settings, _), session in zip(configs, sessions):
-            apply_settings(model, settings)
+            decdec.apply_group_settings(model, settings)
             out["profile"][name] = profile_decode(session, ids, args.profile)
     del sessions
-    apply_settings(model, configs[-1][1])
+    decdec.apply_group_settings(model, configs[-1][1])
     if args.fp16_contrast:
         rows += fp16_contrast(model.config, ids, n, repeats, device, bw, graph, off_ms, attention)
     out["rows"] = rows

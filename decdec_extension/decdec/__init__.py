@@ -7,7 +7,8 @@ from .artifacts import ArtifactError
 from .formats import LUTWeight, QuantizedWeight, UniformWeight, pack_codes, unpack_codes
 from .linear import DecDECLinear, SelectionGroup
 from .patching import discover_linear_groups, find_decoder_blocks, kind_name
-from .prepared import configure, decdec_linears, load_prepared, selection_groups, write_prepared_model
+from .prepared import (apply_group_settings, configure, decdec_linears, group_settings, load_prepared, selection_groups,
+                       write_prepared_model)
 from .residual import ResidualPack, dequantize_residual, quantize_residual, residual_correction
 from .selection import (CHUNK_SIZE, MODES, chunk_quotas, num_selected, rank_envelope, select, select_channels,
                         select_exact, select_full, select_random, select_static)
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "LUTWeight", "QuantizedWeight", "UniformWeight", "pack_codes", "unpack_codes",
     "DecDECLinear", "SelectionGroup", "discover_linear_groups", "find_decoder_blocks", "kind_name",
-    "configure", "decdec_linears", "load_prepared", "selection_groups", "write_prepared_model",
+    "apply_group_settings", "configure", "decdec_linears", "group_settings", "load_prepared", "selection_groups",
+    "write_prepared_model",
     "ResidualPack", "dequantize_residual", "quantize_residual", "residual_correction",
     "CHUNK_SIZE", "MODES", "chunk_quotas", "num_selected", "rank_envelope", "select", "select_channels",
     "select_exact", "select_full", "select_random", "select_static", "cuda_available",

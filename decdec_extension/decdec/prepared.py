@@ -185,6 +185,21 @@ def selection_groups(model: nn.Module) -> list[SelectionGroup]:
     return out
 
 
+GroupSettings = list[tuple[str, int, int | None]]  # (mode, k_chunk, n_tb) per selection group
+
+
+def group_settings(model: nn.Module) -> GroupSettings:
+    """(mode, k_chunk, n_tb) of every selection group, for :func:`apply_group_settings`."""
+    return [(g.mode, g.k_chunk, g.n_tb) for g in selection_groups(model)]
+
+
+def apply_group_settings(model: nn.Module, settings: GroupSettings) -> None:
+    """Restores what :func:`group_settings` returned (or a modified copy of it)."""
+    for g, (mode, k_chunk, n_tb) in zip(selection_groups(model), settings, strict=True):
+        g.configure(mode=mode, k_chunk=k_chunk)
+        g.n_tb = n_tb
+
+
 def configure(model: nn.Module, *, mode: str | None = None, k_chunk: int | dict[str, int] | None = None,
               tuned: dict | None = None, compensate_prefill: bool | None = None,
               scales_on_host: bool | None = None) -> None:

@@ -318,6 +318,11 @@ def search(table: CostTable, target: float, other: float = 0.0) -> TuneResult:
     return TuneResult(result, cap, pinned, table.k_grid[step], baseline, total, steps, other)
 
 
+def settings_text(kinds: dict[str, dict[str, int]]) -> str:
+    """A tuned config's ``kinds`` as one line, "k_chunk/n_tb" per kind under its first linear's name."""
+    return ", ".join(f"{k.split('+')[0]} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
+
+
 # one round of search_measured scales a prediction by at most these factors, so that one noisy or
 # far-off measurement cannot send the next round to an extreme
 GOAL_SCALE = (0.5, 2.0)
