@@ -86,7 +86,7 @@ def bench(variants, n_tbs: list[int], k_chunks: list[int], repeats: int, given_c
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mem_TBps": mem_bw / 1e12,
             "pcie_GBps": pcie_bw / 1e9, "R_bw": r_bw, "n_tb": n_tbs, "k_chunk": k_chunks,
             "given_channels": given_channels, "residual_on_gpu": residual_on_gpu, "scales_on_host": scales_on_host,
-            "rows": rows}
+            "dependent_launch": ops.dependent_launch(), "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -94,6 +94,7 @@ def table(result: dict) -> str:
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; batch 1, CUDA graph replay; device memory "
              f"{result['mem_TBps']:.2f} TB/s, pinned memcpy {result['pcie_GBps']:.1f} GB/s, R_bw {result['R_bw']:.1f}",
              "us per call, best n_tb of " + str(result["n_tb"]) +
+             (", dependent launch (as in bench_gemv.py)" if result.get("dependent_launch") else "") +
              (", selection precomputed (--given-channels)" if result.get("given_channels") else "") +
              (", residual rows in device memory (--residual-on-gpu)" if result.get("residual_on_gpu") else "") +
              (", residual scales in pinned host memory (--scales-on-host)" if result.get("scales_on_host")

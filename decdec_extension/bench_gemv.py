@@ -4,6 +4,9 @@ Llama-3-8B and -70B shapes, batch 1; plus prefill (2048 tokens: dequantize + cuB
 
 Each timing is the median of CUDA-graph replays of one graph that calls the kernel on several
 weight copies in turn (together larger than twice the L2 cache), divided by the number of calls.
+Our kernels are launched dependent on sm_90+ (csrc/dependent_launch.cuh): in that graph each call
+starts during the previous call's tail, as it does after another dependent kernel in a decode step;
+DECDEC_DEPENDENT_LAUNCH=0 times them launched one after the other (the JSON records which).
 --hold-sms N times every kernel a second time with N SMs held by another kernel (as a kernel
 running beside the GEMV would hold them) and reports the slowdown. Writes JSON (--out) and prints
 a table.
@@ -122,13 +125,15 @@ def bench(shapes: list[tuple[str, str, int, int]], repeats: int, prefill_tokens:
         rows.append(row)
         torch.cuda.empty_cache()
     return {"device": device_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "batch": 1, "repeats": repeats, "hold_sms": hold_sms, "rows": rows}
+            "batch": 1, "repeats": repeats, "hold_sms": hold_sms, "dependent_launch": ops.dependent_launch(),
+            "rows": rows}
 
 
 def table(result: dict) -> str:
     cols = ["fp16_cublas", "torch_int4"] + [f"{f}{b}" for f, b in VARIANTS]
+    launch = "dependent launch" if result.get("dependent_launch") else "ordinary launch"
     lines = [f"{result['device']}, torch {result['torch']}, {result['date']}; batch 1, CUDA graph replay, "
-             "weights rotated beyond L2; us per call (effective TB/s)",
+             f"weights rotated beyond L2, ours by {launch}; us per call (effective TB/s)",
              "| shape | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in result["rows"]:
         cells = [f"{r[c]['us']:.1f} ({r[c]['TBps']:.2f})" if c in r else "n/a" for c in cols]

@@ -278,6 +278,39 @@ def test_cuda_graph_capture_and_replay(scales_on_host):
         assert torch.equal(base, layer.gw.gemv(x, None))
 
 
+def test_chained_launches_read_their_input_after_the_previous_kernel():
+    """Each call takes the previous call's output as x. The kernels are launched dependent (they may
+    start while the kernel before them still runs) and must read x only after it is written: eager
+    and graph-replayed chains give, bit for bit, the outputs of calls separated by synchronizations."""
+    layers = [Layer(fmt, bits, 2048, 2048) for fmt, bits in (("uniform", 3), ("lut", 4), ("uniform", 4), ("lut", 3))]
+
+    def chain(x, sync):
+        outs = []
+        for i, layer in enumerate(layers * 2):
+            x = layer.run(x, 8, n_tb=8) if i % 2 else layer.gw.gemv(x, None)
+            outs.append(x)
+            if sync:
+                torch.cuda.synchronize()
+        return outs
+
+    x = torch.randn(2, 2048, device=DEV).bfloat16()  # bf16: eight products of 2048 channels stay finite
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x, sync=False)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = chain(x, sync=False)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        expected = chain(x, sync=True)
+        assert all(e.isfinite().all() for e in expected)
+        for got in (chain(x, sync=False), (graph.replay(), replayed)[1]):
+            torch.cuda.synchronize()
+            assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_kernels_correct_with_sms_held():
     """With SMs taken by another kernel, the persistent grid is not all resident at once: the GEMV
     and the DEC merge (GEMV blocks waiting on DEC blocks) must still finish and be right."""

@@ -16,6 +16,7 @@
 #include <algorithm>
 
 #include "decdec_kernels.h"
+#include "dependent_launch.cuh"
 
 namespace decdec {
 namespace {
@@ -122,6 +123,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NW, GMAX)) decode_atte
   // query and the mask (one memory round trip where there were three); the rows it excludes are
   // set to zero below (they may hold anything). Later tiles read only the rows their mask keeps: a
   // long cache with a short context is mostly masked.
+  wait_for_previous_kernels();  // the cache and the query were just written
+  let_next_kernel_start();
   bool valid = mask_at(begin);
   load_rows(begin, false);
   for (int i = tid; i < G * D2; i += kThreads) {
@@ -299,8 +302,7 @@ cudaError_t launch_typed(const DecodeAttentionParams& p, size_t smem, cudaStream
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(p.splits, p.kv_heads, p.B);
-  decode_attention_kernel<T2, NW, GMAX><<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(decode_attention_kernel<T2, NW, GMAX>, grid, kThreads, smem, stream, p);
 }
 
 template <typename T2, int NW>

@@ -391,4 +391,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("alloc_pinned", &alloc_pinned, "pinned, mapped host memory as a uint8 CPU tensor", pybind11::arg("nbytes"));
   m.def("hold_sms", &hold_sms, "hold SMs with a waiting kernel on the current stream until release[0] != 0",
         pybind11::arg("release"), pybind11::arg("count"), pybind11::arg("timeout_s"));
+  m.def("dependent_launch", &decdec::dependent_launch_enabled,
+        "whether the GEMV and attention kernels are launched dependent (sm_90+, DECDEC_DEPENDENT_LAUNCH != 0)");
 }

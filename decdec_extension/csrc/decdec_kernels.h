@@ -66,6 +66,10 @@ size_t gemv_smem_bytes(const GemvParams& p);
 int max_stage_batch(int K);
 // Requires 1 <= B <= max_stage_batch(K).
 cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream);
+
+// Whether the GEMV and attention kernels are launched dependent (programmatic dependent launch,
+// dependent_launch.cuh): the GPU is sm_90 or later and DECDEC_DEPENDENT_LAUNCH is not "0".
+bool dependent_launch_enabled();
 cudaError_t launch_dequantize(const void* qweight, const void* meta, int fmt, int bits, int dtype, int group_size,
                               int N, int K, void* out, cudaStream_t stream);
 // out int64 [T, k_total]: DecDEC selection of every token (DESIGN.md), ascending per token.

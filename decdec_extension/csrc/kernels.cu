@@ -17,10 +17,16 @@
 //   so results are bitwise reproducible.
 //   GEMV blocks may wait on DEC blocks, never the reverse; the DEC blocks have the lowest indices
 //   and the grid is at most one resident wave, so they are running whenever anyone waits.
+// Launched dependent (dependent_launch.cuh), a block requests its first weight tile before it
+// waits for the kernel before it; the DEC role waits first.
 #include "decdec_kernels.h"
+#include "dependent_launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdlib>
+#include <string>
 
 namespace decdec {
 namespace {
@@ -651,14 +657,21 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
       mm[3] = __ldg(meta + size_t(g1) * Npad + row0 + 8);
     }
   };
-  // x is staged in shared memory, zero-padded to whole tiles, in 16-byte copies where x allows.
-  // Plain uniform launch: by cp.async, its requests ahead of the first weight tile's, so that x
-  // does not queue behind the weight stream (8B down, 28 KB of x: 11.2-12.1 -> 10.8-11.7 us; 70B
-  // down 39.1-42.1 -> 37.8-40.5; results/h200/gemv_x_first_*.txt). The same order cost LUT gate_up
-  // 0.3-5 us and, in the DEC launch, uniform gate_up 0.5 us (x_first_and_fetch_hybrid_ab.txt):
-  // those load x after the first tile, four loads in flight per thread.
-  constexpr bool kXFirst = !DEC && FMT == kUniform;
-  if constexpr (kXFirst) {
+  // The first weight tile is requested first: no kernel writes the weights, so in a dependent launch
+  // its loads go out while the kernel before is still running. x, which that kernel may have
+  // written, comes after the wait, staged in shared memory, zero-padded to whole tiles, in 16-byte
+  // copies where x allows. Plain uniform launch: by cp.async, waited for only at the block barrier
+  // (8B down, 28 KB of x: 11.2-12.1 -> 10.8-11.7 us against register loads; 70B down 39.1-42.1 ->
+  // 37.8-40.5; results/h200/gemv_x_first_*.txt, where x went ahead of the tile; behind it, 10.6 us:
+  // dependent_launch_call1.txt, "newoff"). cp.async cost LUT gate_up 0.3-5 us and, in the DEC
+  // launch, uniform gate_up 0.5 us (x_first_and_fetch_hybrid_ab.txt): those keep register loads,
+  // four in flight per thread.
+  constexpr bool kXAsync = !DEC && FMT == kUniform;
+  int rt = blk, kt = warp;
+  if (rt < NT && kt < KT) load(rt, kt, w, m);
+  wait_for_previous_kernels();
+  let_next_kernel_start();
+  if constexpr (kXAsync) {
     // the 16-byte test is repeated below rather than hoisted: hoisted, it reordered the LUT and
     // DEC kernels' code
     const int per_row = p.K / 8;
@@ -669,12 +682,10 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(reinterpret_cast<const uint4*>(p.x) + i));
     }
   }
-  int rt = blk, kt = warp;
-  if (rt < NT && kt < KT) load(rt, kt, w, m);
   if (p.K % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0) {
     const int per_row = p.K / 8, total = p.B * per_row;
     const uint4* src = reinterpret_cast<const uint4*>(p.x);
-    for (int i0 = threadIdx.x; !kXFirst && i0 < total; i0 += 4 * kThreads) {
+    for (int i0 = threadIdx.x; !kXAsync && i0 < total; i0 += 4 * kThreads) {
       uint4 v[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -692,7 +703,7 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
     }
     for (int b = 0; b < p.B; ++b)
       for (int k = p.K + threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = 0;
-    if constexpr (kXFirst) asm volatile("cp.async.wait_all;" ::: "memory");
+    if constexpr (kXAsync) asm volatile("cp.async.wait_all;" ::: "memory");
   } else {
     for (int b = 0; b < p.B; ++b)
       for (int k = threadIdx.x; k < xstride; k += kThreads) xs[b * xstride + k] = k < p.K ? xg[size_t(b) * p.K + k] : 0;
@@ -922,6 +933,8 @@ __global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const GemvParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   if constexpr (DEC) {
     if (int(blockIdx.x) < p.n_tb) {
+      wait_for_previous_kernels();
+      let_next_kernel_start();
       dec_block<DT>(p, blockIdx.x, smem);
       return;
     }
@@ -1079,6 +1092,17 @@ cudaError_t launch_hold_sms(const int* release, int count, double timeout_s, cud
   return cudaGetLastError();
 }
 
+bool dependent_launch_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("DECDEC_DEPENDENT_LAUNCH");
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9 && !(env != nullptr && std::string(env) == "0");
+  }();
+  return enabled;
+}
+
 int padded_rows(int N) { return div_up(N, kTileRows) * kTileRows; }
 int k_tiles(int K) { return div_up(K, kTileK); }
 int tile_words(int bits) { return bits == 4 ? 16 : 12; }
@@ -1125,8 +1149,7 @@ static cudaError_t launch_gemv_t(const GemvParams& p, cudaStream_t stream) {
   }
   // persistent GEMV blocks beside the DEC blocks, all resident together
   const int gemv_blocks = max(1, min(div_up(p.N, kTileRows), resident_blocks(kernel, smem) - p.n_tb));
-  kernel<<<p.n_tb + gemv_blocks, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, p.n_tb + gemv_blocks, kThreads, smem, stream, p);
 }
 
 template <int FMT, int BITS, int DT>

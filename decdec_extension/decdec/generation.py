@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .attention import implementation_for
 from .prepared import selection_groups
 
@@ -110,6 +111,16 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _inductor_options(device: torch.device) -> dict:
+    """Inductor's kernels launched dependent, as ours are (ops.dependent_launch), so that each starts
+    during the tail of the one before. Only both together pay (csrc/dependent_launch.cuh): 3-bit
+    Llama-3-8B on the H200, compiled step 2.365 ms/token, with both 2.169."""
+    from torch._inductor import config
+    if device.type == "cuda" and ops.dependent_launch() and hasattr(config.triton, "enable_pdl"):
+        return {"triton.enable_pdl": True}
+    return {}
+
+
 class DecodeSession:
     """A model, a static KV cache of ``max_len`` positions and (on CUDA) its captured decode step.
 
@@ -157,7 +168,8 @@ class DecodeSession:
         self._length = 0  # positions of the cache written so far
         self._input = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.compiled = compile
-        self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._decode = (torch.compile(self._forward, dynamic=False, options=_inductor_options(self.device))
+                        if compile else self._forward)
 
     # ------------------------------------------------------------ model calls
 

@@ -110,6 +110,16 @@ def cpu_selection_available() -> bool:
     return _CPU_EXTENSION
 
 
+def dependent_launch() -> bool:
+    """Whether the GEMV and attention kernels are launched dependent (programmatic dependent launch:
+    sm_90 and later, unless DECDEC_DEPENDENT_LAUNCH=0), so that they may start while the kernel
+    before them still runs (csrc/dependent_launch.cuh)."""
+    if not available():
+        return False
+    from . import _C
+    return _C.dependent_launch()
+
+
 def require() -> None:
     if not _EXTENSION:
         raise RuntimeError("the DecDEC CUDA extension decdec._C is not built: reinstall with "
