@@ -102,6 +102,22 @@ def test_compiled_decode_step(prepared, prompt):
     assert DecodeSession(model, 40, compile=True).generate(prompt, 8).tokens == plain
 
 
+def test_inductor_kernels_launched_dependent_only_beside_ours(monkeypatch):
+    """--compile asks Inductor for dependent launches exactly when our kernels are launched that way
+    (on CUDA, sm_90+, DECDEC_DEPENDENT_LAUNCH not 0), with a config key this torch knows."""
+    from torch._inductor import config
+    from decdec import generation, ops
+    assert generation._inductor_options(torch.device("cpu")) == {}
+    monkeypatch.setattr(ops, "dependent_launch", lambda: False)
+    assert generation._inductor_options(torch.device("cuda")) == {}
+    monkeypatch.setattr(ops, "dependent_launch", lambda: True)
+    options = generation._inductor_options(torch.device("cuda"))
+    assert options == ({"triton.enable_pdl": True} if hasattr(config.triton, "enable_pdl") else {})
+    for key, value in options.items():
+        with config.patch({key: value}):  # raises on a key this torch does not have
+            pass
+
+
 def test_sampling_is_seeded(prepared, prompt):
     model = decdec.load_prepared(prepared, mode="none")
     session = DecodeSession(model, 64)
