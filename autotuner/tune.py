@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import decdec
-from decdec import artifacts, generation, tuning
+from decdec import artifacts, generation, ops, tuning
 from decdec.tables import text_table
 from decdec.timing import device_name, memory_bandwidth, pcie_bandwidth
 
@@ -151,6 +151,7 @@ def measure(args: argparse.Namespace, model) -> tuple[tuning.CostTable, dict]:
             "input": "replayed" if args.replayed_input else "fresh before every timed call"}
     if device.type == "cuda":
         info["bandwidth_GBps"] = {"memory": memory_bandwidth(device) / GB, "pcie": pcie_bandwidth(device) / GB}
+        info["dependent_launch"] = ops.dependent_launch()
         n_tb_max = args.n_tb_max or torch.cuda.get_device_properties(device).multi_processor_count
     else:
         n_tb_max = args.n_tb_max or 1
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 "bandwidth_GBps": {"memory": args.mem_bw, "pcie": args.pcie_bw}}
     elif args.table is not None:
         table, previous = reused_table(args.table, workloads)
-        info = {k: previous[k] for k in ("gpu", "device", "dtype", "timing", "bandwidth_GBps") if k in previous}
+        info = {k: previous[k] for k in ("gpu", "device", "dtype", "timing", "bandwidth_GBps", "dependent_launch")
+                if k in previous}
         info["table_from"] = str(args.table)
     else:
         model = load_model(args)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import decdec
-from decdec import tuning
+from decdec import ops, tuning
 from decdec.generation import DecodeSession, GenerationResult, load_for_generation, sync_device
 from decdec.synthetic import SHAPES, ensure_synthetic_model
 from decdec.tables import text_table
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     graph = device.type == "cuda" and not args.no_cuda_graph
     tuned = (model_dir / decdec.artifacts.TUNING_CONFIG).is_file()
     result = {"model_dir": str(model_dir), "device": device_name(device), "dtype": str(next(model.parameters()).dtype),
-              "compile": args.compile, "sdpa_attention": args.sdpa_attention,
+              "compile": args.compile, "sdpa_attention": args.sdpa_attention, "dependent_launch": ops.dependent_launch(),
               "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens, "tuned_config": tuned,
               "decdec": {g.kind: {"mode": g.mode, "k_chunk": g.k_chunk, "n_tb": g.n_tb,
                                   "scales_on_host": g.scales_on_host} for g in decdec.selection_groups(model)}}
