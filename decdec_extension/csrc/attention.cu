@@ -10,6 +10,8 @@
 // attend costs its mask and a barrier. (The split is planned on the cache's length, which is all the host knows, so a short
 // context in a long cache lands on few blocks: attention windows keep the cache short.) Scores and
 // sums in fp32; softmax in base 2 (the query is scaled by scale * log2 e).
+// Launched dependent (dependent_launch.cuh): a block waits for the kernel before, which wrote the
+// cache, then lets the next kernel start.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -119,12 +121,12 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(NW, GMAX)) decode_atte
     return tid < kTile && pos < end && (p.mask == nullptr || p.mask[int64_t(b) * p.mask_stride_b + pos]);
   };
 
+  wait_for_previous_kernels();  // the cache and the query were just written
+  let_next_kernel_start();
   // The first tile's rows are read before its mask is known, so that they fly together with the
   // query and the mask (one memory round trip where there were three); the rows it excludes are
   // set to zero below (they may hold anything). Later tiles read only the rows their mask keeps: a
   // long cache with a short context is mostly masked.
-  wait_for_previous_kernels();  // the cache and the query were just written
-  let_next_kernel_start();
   bool valid = mask_at(begin);
   load_rows(begin, false);
   for (int i = tid; i < G * D2; i += kThreads) {
