@@ -196,7 +196,7 @@ def bench_settings(args, model) -> list[tuple[str, list, str]]:
         if not any(g.active for g in decdec.selection_groups(model)):
             return []  # DecDEC is off: the off row says it all
         kinds = {g.kind: g.k_chunk for g in decdec.selection_groups(model)}
-        note = "k_chunk " + ", ".join(f"{k.split('+')[0]} {v}" for k, v in kinds.items())
+        note = "k_chunk " + ", ".join(f"{decdec.kind_label(k)} {v}" for k, v in kinds.items())
         return [("quantized, DecDEC on", decdec.group_settings(model), note)]
     out = []
     loaded = decdec.group_settings(model)

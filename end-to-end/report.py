@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from decdec.patching import kind_label
 from decdec.tables import text_table
 
 
@@ -25,7 +26,7 @@ def load_generate():
 
 def tuning_table(results: list[dict]) -> str:
     kinds = list(results[0]["kinds"])
-    head = ("target", "predicted", "measured", *(f"{k.split('+')[0]} k/n_tb" for k in kinds), "n_tb cap", "pinned",
+    head = ("target", "predicted", "measured", *(f"{kind_label(k)} k/n_tb" for k in kinds), "n_tb cap", "pinned",
             "source", "s")
     lines = [head]
     for r in sorted(results, key=lambda r: r["target_slowdown_percent"]):
@@ -34,7 +35,7 @@ def tuning_table(results: list[dict]) -> str:
         lines.append((f"{r['target_slowdown_percent']:g} %{of}", f"{r['predicted_slowdown_percent']:.2f} %",
                       "-" if measured is None else f"{measured:.2f} %",
                       *(f"{r['kinds'][k]['k_chunk']}/{r['kinds'][k]['n_tb']}" for k in kinds), str(r["n_tb_cap"]),
-                      ",".join(p.split("+")[0] for p in r["pinned"]) or "-",
+                      ",".join(kind_label(p) for p in r["pinned"]) or "-",
                       "ESTIMATE" if r["estimate"] else ("reused table" if "table_from" in r else "measured"),
                       f"{r['tuning_seconds']:.0f}"))
     return text_table(lines, left=range(len(lines[0])))

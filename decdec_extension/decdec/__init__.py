@@ -6,7 +6,7 @@ extension ``decdec._C``, when built, provides fast kernels for the same operatio
 from .artifacts import ArtifactError
 from .formats import LUTWeight, QuantizedWeight, UniformWeight, pack_codes, unpack_codes
 from .linear import DecDECLinear, SelectionGroup
-from .patching import discover_linear_groups, find_decoder_blocks, kind_name
+from .patching import discover_linear_groups, find_decoder_blocks, kind_label, kind_name
 from .prepared import (apply_group_settings, configure, decdec_linears, group_settings, load_prepared, selection_groups,
                        write_prepared_model)
 from .residual import ResidualPack, dequantize_residual, quantize_residual, residual_correction
@@ -16,7 +16,7 @@ from .selection import (CHUNK_SIZE, MODES, chunk_quotas, num_selected, rank_enve
 __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "LUTWeight", "QuantizedWeight", "UniformWeight", "pack_codes", "unpack_codes",
-    "DecDECLinear", "SelectionGroup", "discover_linear_groups", "find_decoder_blocks", "kind_name",
+    "DecDECLinear", "SelectionGroup", "discover_linear_groups", "find_decoder_blocks", "kind_label", "kind_name",
     "apply_group_settings", "configure", "decdec_linears", "group_settings", "load_prepared", "selection_groups",
     "write_prepared_model",
     "ResidualPack", "dequantize_residual", "quantize_residual", "residual_correction",

@@ -84,6 +84,11 @@ def kind_name(group: list[str]) -> str:
     return "+".join(name.rsplit(".", 1)[-1] for name in group)
 
 
+def kind_label(kind: str) -> str:
+    """A kind as tables show it: its first linear's name ('q_proj' for 'q_proj+k_proj+v_proj')."""
+    return kind.split("+")[0]
+
+
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import packed_row_bytes
-from .patching import kind_name
+from .patching import kind_label, kind_name
 from .selection import CHUNK_SIZE, num_selected
 
 # k_chunk steps: fine where the fetch starts to show (the knee is 10-20 on current GPUs), coarse above
@@ -320,7 +320,7 @@ def search(table: CostTable, target: float, other: float = 0.0) -> TuneResult:
 
 def settings_text(kinds: dict[str, dict[str, int]]) -> str:
     """A tuned config's ``kinds`` as one line, "k_chunk/n_tb" per kind under its first linear's name."""
-    return ", ".join(f"{k.split('+')[0]} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
+    return ", ".join(f"{kind_label(k)} {v['k_chunk']}/{v['n_tb']}" for k, v in kinds.items())
 
 
 # one round of search_measured scales a prediction by at most these factors, so that one noisy or
