@@ -5,8 +5,12 @@ op the block we just filled with NaN); selections compared with the CPU referenc
 """
 from __future__ import annotations
 
-import pytest
 import copy
+import os
+import shutil
+import subprocess
+
+import pytest
 
 import torch
 from torch import nn
@@ -309,6 +313,40 @@ def test_chained_launches_read_their_input_after_the_previous_kernel():
         for got in (chain(x, sync=False), (graph.replay(), replayed)[1]):
             torch.cuda.synchronize()
             assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def gemv_kernels_sass() -> dict[str, list[str]]:
+    """SASS of each GEMV kernel in the built extension, by mangled name (cuobjdump of decdec._C)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    tool = shutil.which("cuobjdump") or (CUDA_HOME and shutil.which("cuobjdump", path=os.path.join(CUDA_HOME, "bin")))
+    if not tool:
+        pytest.skip("no cuobjdump (CUDA toolkit) to read the extension's SASS")
+    dump = subprocess.run([tool, "-sass", decdec._C.__file__], capture_output=True, text=True, check=True).stdout
+    kernels_sass, name = {}, None
+    for line in dump.splitlines():
+        if "Function :" in line:
+            name = line.split("Function :")[1].strip()
+            name = name if "gemv_kernel" in name else None
+            if name:
+                kernels_sass[name] = []
+        elif name:
+            kernels_sass[name].append(line)
+    return kernels_sass
+
+
+def test_first_weight_tile_requested_before_the_wait():
+    """The dependent launch pays only if a GEMV block's first weight loads go out before its
+    griddepcontrol.wait (ACQBULK in SASS). Nothing in the source can force that order: ptxas hoists
+    the wait to the top of the kernel unless the loads sit in a branch it keeps (a kernel parameter
+    read beside the wait was enough to lose it in all LUT kernels, results/h200/next_starts_early_ab.txt)."""
+    sass = gemv_kernels_sass()
+    assert len(sass) >= 24, f"expected the 24 GEMV instantiations, found {len(sass)}"
+    for name, lines in sass.items():
+        first = lambda op: next((i for i, l in enumerate(lines) if op in l), None)
+        load, wait = first("LDG.E.NA.128"), first("ACQBULK")
+        if wait is None:  # built for an architecture without dependent launch
+            continue
+        assert load is not None and load < wait, f"{name}: the wait comes before the first weight tile's loads"
 
 
 def test_kernels_correct_with_sms_held():

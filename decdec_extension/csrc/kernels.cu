@@ -668,6 +668,9 @@ __device__ void gemv_block(const GemvParams& p, int blk, int nblk, unsigned char
   // four in flight per thread.
   constexpr bool kXAsync = !DEC && FMT == kUniform;
   int rt = blk, kt = warp;
+  // ptxas alone decides that the loads stay ahead of the wait: it hoists the wait to the top unless
+  // they sit in a branch it keeps (a parameter read here lost it in every LUT kernel); the GPU test
+  // test_first_weight_tile_requested_before_the_wait checks the built SASS
   if (rt < NT && kt < KT) load(rt, kt, w, m);
   wait_for_previous_kernels();
   let_next_kernel_start();
