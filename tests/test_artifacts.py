@@ -122,6 +122,32 @@ def test_tuned_config_is_read_and_overridden(prepared, tmp_path):
         decdec.load_prepared(dst)
 
 
+def test_tuned_config_from_another_gpu_is_flagged(monkeypatch):
+    """n_tb and k_chunk were timed on one GPU: another GPU, an analytic estimate or the other kind of
+    kernel launch gets a reason (configure warns with it); the CPU's reference path and configs
+    without the record get none."""
+    from decdec import prepared
+    monkeypatch.setattr(prepared, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(prepared.ops, "dependent_launch", lambda: True)
+    flagged = prepared.tuned_elsewhere
+    assert flagged({"gpu": "NVIDIA H200", "dependent_launch": True}, "cuda") is None
+    assert flagged({"gpu": "NVIDIA H200"}, "cuda") is None
+    assert flagged({}, "cuda") is None
+    assert flagged({"gpu": "NVIDIA H100 PCIe"}, "cpu") is None
+    assert "tuned on NVIDIA H100 PCIe" in flagged({"gpu": "NVIDIA H100 PCIe"}, "cuda")
+    assert "--dry-run" in flagged({"gpu": "analytic model: 3350 GB/s memory"}, "cuda")
+    assert "one after the other" in flagged({"gpu": "NVIDIA H200", "dependent_launch": False}, "cuda")
+
+
+def test_configure_warns_with_the_reason(prepared, monkeypatch):
+    from decdec import prepared as prepared_module
+    model = decdec.load_prepared(prepared)
+    tuned = {"kinds": {g.kind: {"n_tb": 4, "k_chunk": 2} for g in prepared_module.selection_groups(model)}}
+    monkeypatch.setattr(prepared_module, "tuned_elsewhere", lambda tuned, device: "it was tuned on GPU X")
+    with pytest.warns(UserWarning, match="tuned on GPU X.*rerun autotuner/tune.py"):
+        decdec.configure(model, tuned=tuned)
+
+
 def test_interrupted_write_leaves_nothing(tmp_path):
     target = tmp_path / "x.json"
 

@@ -1,16 +1,18 @@
 """Writing a prepared model directory and loading it back as a patched Hugging Face model."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, ops
 from .formats import QuantizedWeight, weight_from_tensors
 from .linear import DecDECLinear, SelectionGroup
 from .patching import find_decoder_blocks, kind_name, set_module
+from .timing import device_name
 
 
 def save_model_files(out_dir: Path | str, model: nn.Module, tokenizer) -> None:
@@ -200,12 +202,39 @@ def apply_group_settings(model: nn.Module, settings: GroupSettings) -> None:
         g.n_tb = n_tb
 
 
+def tuned_elsewhere(tuned: dict, device: torch.device | str) -> str | None:
+    """Why the timings behind a tuned config may not hold on the CUDA ``device``, or None. Other
+    devices run the reference path, where speed is not the point; configs written before tune.py
+    recorded the GPU (or the launch) are taken as they are."""
+    device = torch.device(device)
+    tuned_on = tuned.get("gpu")
+    if device.type != "cuda" or tuned_on is None:
+        return None
+    here = device_name(device)
+    if tuned_on.startswith("analytic model"):
+        return f"it was estimated by tune.py --dry-run ({tuned_on}), not measured on {here}"
+    if tuned_on != here:
+        return f"it was tuned on {tuned_on}, and this model runs on {here}"
+    launch = tuned.get("dependent_launch")
+    if launch is not None and launch != ops.dependent_launch():
+        state = {True: "dependent", False: "one after the other"}
+        return (f"it was tuned with the kernels launched {state[launch]}, and they are now launched "
+                f"{state[not launch]} (DECDEC_DEPENDENT_LAUNCH)")
+    return None
+
+
 def configure(model: nn.Module, *, mode: str | None = None, k_chunk: int | dict[str, int] | None = None,
               tuned: dict | None = None, compensate_prefill: bool | None = None,
               scales_on_host: bool | None = None) -> None:
     """Sets the selection of every group: ``tuned`` (a decdec_config.json) first, then the explicit
     ``mode`` and ``k_chunk`` (one value for all kinds, or kind -> value); ``compensate_prefill`` and
-    ``scales_on_host`` (see :class:`SelectionGroup`) when given."""
+    ``scales_on_host`` (see :class:`SelectionGroup`) when given. Warns when ``tuned`` was timed
+    on another GPU than the model's (:func:`tuned_elsewhere`)."""
+    param = next(model.parameters(), None)
+    reason = None if tuned is None or param is None else tuned_elsewhere(tuned, param.device)
+    if reason:
+        warnings.warn(f"tuned DecDEC config: {reason}; its n_tb and k_chunk may miss the slowdown target here "
+                      f"(rerun autotuner/tune.py on this GPU)", stacklevel=2)
     for group in selection_groups(model):
         kc = group.k_chunk
         if tuned is not None:
