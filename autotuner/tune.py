@@ -144,14 +144,22 @@ def load_model(args: argparse.Namespace):
     return decdec.load_prepared(args.model_dir, device, dtype=dtype, mode="decdec")
 
 
+def timed_on(device: torch.device) -> dict:
+    """What timings depend on besides the model: the GPU and, on CUDA, how the kernels are launched
+    (decdec.prepared.tuned_elsewhere compares them when the config is used)."""
+    where = {"gpu": device_name(device)}
+    if device.type == "cuda":
+        where["dependent_launch"] = ops.dependent_launch()
+    return where
+
+
 def measure(args: argparse.Namespace, model) -> tuple[tuning.CostTable, dict]:
     device = next(model.parameters()).device
-    info = {"gpu": device_name(device), "device": str(device), "dtype": str(next(model.parameters()).dtype),
+    info = {**timed_on(device), "device": str(device), "dtype": str(next(model.parameters()).dtype),
             "timing": "eager" if args.eager or device.type != "cuda" else "cuda-graph replays, CUDA events",
             "input": "replayed" if args.replayed_input else "fresh before every timed call"}
     if device.type == "cuda":
         info["bandwidth_GBps"] = {"memory": memory_bandwidth(device) / GB, "pcie": pcie_bandwidth(device) / GB}
-        info["dependent_launch"] = ops.dependent_launch()
         n_tb_max = args.n_tb_max or torch.cuda.get_device_properties(device).multi_processor_count
     else:
         n_tb_max = args.n_tb_max or 1
@@ -323,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["verification"] = [{"target_percent": 100 * r.goal, "kinds": r.kinds, "predicted_percent": 100 * r.predicted,
                                   "measured_percent": 100 * r.measured} for r in rounds]
         extra["measured_slowdown_percent"] = next((100 * r.measured for r in rounds if r.kinds == result.kinds), None)
+        # the step timings that chose the config, which a --table from elsewhere did not
+        extra["verified_on"] = timed_on(next(model.parameters()).device)
     bandwidth = info.get("bandwidth_GBps")
     if bandwidth:
         extra["knee_k_chunk"] = {str(b): tuning.knee(bandwidth["memory"], bandwidth["pcie"], b)

@@ -137,6 +137,8 @@ def test_tuned_config_from_another_gpu_is_flagged(monkeypatch):
     assert "tuned on NVIDIA H100 PCIe" in flagged({"gpu": "NVIDIA H100 PCIe"}, "cuda")
     assert "--dry-run" in flagged({"gpu": "analytic model: 3350 GB/s memory"}, "cuda")
     assert "one after the other" in flagged({"gpu": "NVIDIA H200", "dependent_launch": False}, "cuda")
+    verified_here = {"gpu": "NVIDIA H100 PCIe", "verified_on": {"gpu": "NVIDIA H200", "dependent_launch": True}}
+    assert flagged(verified_here, "cuda") is None  # a table from elsewhere, verified in this GPU's step
 
 
 def test_configure_warns_with_the_reason(prepared, monkeypatch):

@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import decdec
 from decdec import artifacts
 from decdec.synthetic import write_synthetic_model
+from decdec.timing import device_name
 from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +130,7 @@ def test_verifying_in_the_step_on_cpu(tune, tiny_dir, tmp_path, capsys):
     assert "verified in the decode step" in capsys.readouterr().out
     result = json.loads(out.read_text())
     rounds = result["verification"]
+    assert result["verified_on"] == {"gpu": device_name(torch.device("cpu"))}
     assert 1 <= len(rounds) <= 2 and rounds[0]["target_percent"] == 50
     kept = [r for r in rounds if r["kinds"] == result["kinds"]]
     if kept:  # a config measured within the target, and its measurement reported

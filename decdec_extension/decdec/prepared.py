@@ -203,11 +203,13 @@ def apply_group_settings(model: nn.Module, settings: GroupSettings) -> None:
 
 
 def tuned_elsewhere(tuned: dict, device: torch.device | str) -> str | None:
-    """Why the timings behind a tuned config may not hold on the CUDA ``device``, or None. Other
-    devices run the reference path, where speed is not the point; configs written before tune.py
-    recorded the GPU (or the launch) are taken as they are."""
+    """Why the timings behind a tuned config may not hold on the CUDA ``device``, or None. Those of
+    tune.py's verify rounds (``verified_on``) count over those of its table. Other devices run the
+    reference path, where speed is not the point; configs written before tune.py recorded the GPU
+    (or the launch) are taken as they are."""
     device = torch.device(device)
-    tuned_on = tuned.get("gpu")
+    timed = tuned.get("verified_on", tuned)
+    tuned_on = timed.get("gpu")
     if device.type != "cuda" or tuned_on is None:
         return None
     here = device_name(device)
@@ -215,7 +217,7 @@ def tuned_elsewhere(tuned: dict, device: torch.device | str) -> str | None:
         return f"it was estimated by tune.py --dry-run ({tuned_on}), not measured on {here}"
     if tuned_on != here:
         return f"it was tuned on {tuned_on}, and this model runs on {here}"
-    launch = tuned.get("dependent_launch")
+    launch = timed.get("dependent_launch")
     if launch is not None and launch != ops.dependent_launch():
         state = {True: "dependent", False: "one after the other"}
         return (f"it was tuned with the kernels launched {state[launch]}, and they are now launched "
