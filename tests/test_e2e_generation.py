@@ -1,5 +1,6 @@
 """decdec.generation: the static-cache decode loop against Hugging Face generate(), EOS, streaming,
 sampling; on CUDA the captured decode step against eager steps."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,14 @@ def test_decdec_on_equals_hf_generate_with_decdec(prepared, prompt):
     decdec.configure(model, mode="none")
     off = session.step(session.prefill(prompt).argmax(-1, keepdim=True))
     assert not torch.allclose(on, off)
+
+
+def test_the_cache_goes_by_the_name_forward_takes(prepared, prompt):
+    """Newer transformers call forward's past_key_values "cache" and warn on the old name."""
+    model = decdec.load_prepared(prepared, mode="none")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        assert len(DecodeSession(model, 64).generate(prompt, 4).tokens) == 4
 
 
 def test_session_is_reusable_and_eos_stops(prepared, prompt):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import statistics
 import time
 import warnings
@@ -152,6 +153,8 @@ class DecodeSession:
         self.window_base = window_base
         self.attention = implementation_for(model, decode_attention)  # set on the model before each forward
         self.cache = StaticCache(config=_cache_config(model.config, max_len), max_cache_len=max_len)
+        # newer transformers releases call forward's past_key_values "cache" and warn on the old name
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sliding-window layers keep their own attention span; the others get windows
         self._windowed = [layer for layer in self.cache.layers if type(layer) is StaticLayer] if window_base else []
         for layer in self._windowed:
@@ -179,7 +182,7 @@ class DecodeSession:
             self.model.config._attn_implementation = self.attention
 
     def _forward(self, input_ids: Tensor) -> Tensor:
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, **{self._cache_kwarg: self.cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def _positions(self) -> list[Tensor]:
