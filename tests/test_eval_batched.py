@@ -9,6 +9,7 @@ import torch
 import decdec
 from decdec import ops
 from decdec.batched import fast_residual_correction, fast_select, residual_rows, use_batched_compensation
+from decdec.generation import cache_kwarg
 from decdec.recall import RecallMeter, selection_recall
 from decdec.residual import residual_correction
 from helpers import load_script, prepare_by_hand, tiny_model
@@ -81,12 +82,11 @@ def prepared_tiny(tmp_path_factory):
 def decode_token_by_token(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits of real decoding: one token per step on a KV cache, so every step is a one-token
     input that the reference path compensates."""
-    logits, past = [], None
+    from transformers import DynamicCache
+    logits, cache = [], DynamicCache(config=model.config)
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            logits.append(out.logits)
-            past = out.past_key_values
+            logits.append(model(input_ids=ids[:, t:t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits)
     return torch.cat(logits, dim=1)
 
 

@@ -67,6 +67,12 @@ def decdec_settings(groups: list) -> tuple:
     return tuple((g.mode, g.k_chunk, g.n_tb, g.scales_on_host) for g in groups)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of the model's forward argument for the KV cache: newer transformers releases call
+    past_key_values "cache" and warn on the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _cache_config(config, max_len: int):
     """The config the static cache is built from. A sliding window at least ``max_len`` long never
     slides, so its layers can be plain static layers (attention is the same): those keep no
@@ -153,8 +159,7 @@ class DecodeSession:
         self.window_base = window_base
         self.attention = implementation_for(model, decode_attention)  # set on the model before each forward
         self.cache = StaticCache(config=_cache_config(model.config, max_len), max_cache_len=max_len)
-        # newer transformers releases call forward's past_key_values "cache" and warn on the old name
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
         # sliding-window layers keep their own attention span; the others get windows
         self._windowed = [layer for layer in self.cache.layers if type(layer) is StaticLayer] if window_base else []
         for layer in self._windowed:
