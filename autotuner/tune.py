@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import decdec
-from decdec import artifacts, generation, ops, tuning
+from decdec import artifacts, generation, tuning
+from decdec.prepared import timed_on
 from decdec.tables import text_table
-from decdec.timing import device_name, memory_bandwidth, pcie_bandwidth
+from decdec.timing import memory_bandwidth, pcie_bandwidth
 
 GB = 1e9
 
@@ -142,15 +143,6 @@ def load_model(args: argparse.Namespace):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(f"loading {args.model_dir} on {device} ...", file=sys.stderr)
     return decdec.load_prepared(args.model_dir, device, dtype=dtype, mode="decdec")
-
-
-def timed_on(device: torch.device) -> dict:
-    """What timings depend on besides the model: the GPU and, on CUDA, how the kernels are launched
-    (decdec.prepared.tuned_elsewhere compares them when the config is used)."""
-    where = {"gpu": device_name(device)}
-    if device.type == "cuda":
-        where["dependent_launch"] = ops.dependent_launch()
-    return where
 
 
 def measure(args: argparse.Namespace, model) -> tuple[tuning.CostTable, dict]:

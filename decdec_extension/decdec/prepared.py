@@ -202,6 +202,15 @@ def apply_group_settings(model: nn.Module, settings: GroupSettings) -> None:
         g.n_tb = n_tb
 
 
+def timed_on(device: torch.device) -> dict:
+    """What timings depend on besides the model, as tune.py records it in a tuned config: the GPU
+    and, on CUDA, how the kernels are launched (:func:`tuned_elsewhere` compares them)."""
+    where = {"gpu": device_name(device)}
+    if device.type == "cuda":
+        where["dependent_launch"] = ops.dependent_launch()
+    return where
+
+
 def tuned_elsewhere(tuned: dict, device: torch.device | str) -> str | None:
     """Why the timings behind a tuned config may not hold on the CUDA ``device``, or None. Those of
     tune.py's verify rounds (``verified_on``) count over those of its table. Other devices run the
